@@ -1,0 +1,201 @@
+"""Frozen, validated configuration: a YAML file overlaid by ``DICOMGW_*`` environment variables.
+
+Precedence (highest first): environment variables, the YAML file, the defaults below. Nested keys use
+``__`` (``DICOMGW_DESTINATIONS__PACS_PROD__PORT=104``). Destination names keep the case they have in
+the YAML file; an environment variable that names a destination matches it case-insensitively.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "DICOMGW_"
+CONFIG_ENV = "DICOMGW_CONFIG"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if "\\" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("an AE title may not contain a backslash or control characters")
+    if not value.strip():
+        raise ValueError("an AE title may not be all spaces")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RetryPolicy(_Frozen):
+    """Exponential backoff with full jitter; see docs/forwarding.md."""
+
+    base_delay: float = Field(2.0, gt=0, description="first retry delay ceiling, seconds")
+    max_delay: float = Field(300.0, gt=0, description="cap of one retry delay, seconds")
+    max_attempts: int = Field(20, ge=1, description="attempts before dead-lettering")
+    max_age: float = Field(86400.0, gt=0, description="seconds after receipt before dead-lettering")
+    status_overrides: dict[str, Literal["delivered", "transient", "permanent"]] = Field(
+        default_factory=dict,
+        description="DIMSE status (hex, e.g. 'A700' or 'C0xx') -> outcome; overrides the defaults",
+    )
+
+
+class Peer(_Frozen):
+    """A remote AE we call: a PACS destination or the RIS worklist."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+    connect_timeout: float = Field(10.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+
+
+class Destination(Peer):
+    """A storage destination (a PACS). Rules refer to it by its name in ``destinations``."""
+
+    queue_capacity: int = Field(1000, ge=1, description="in-memory queue size; the rest waits in the journal")
+    associations: int = Field(1, ge=1, le=16, description="parallel associations to this PACS")
+    idle_timeout: float = Field(30.0, gt=0, description="release an idle association after this many seconds")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+
+
+class Worklist(Peer):
+    """The upstream Modality Worklist SCP (the RIS)."""
+
+    deadline: float = Field(20.0, gt=0, description="answer the modality with a failure after this many seconds")
+    coerce_station_ae: bool = Field(
+        False, description="fill an empty ScheduledStationAETitle with the calling AE title"
+    )
+
+
+class Settings(_Frozen):
+    ae_title: AETitle = "DICOMGW"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    spool_dir: Path = Path("var/spool")
+    rules_dir: Path = Path("rules")
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    max_associations: int = Field(32, ge=1)
+    max_pdu: int = Field(262144, ge=4096, le=16 * 1024 * 1024, description="largest PDU we accept")
+    artim_timeout: float = Field(30.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0, description="silence on an open association before abort")
+    shutdown_timeout: float = Field(30.0, ge=0)
+    spool_max_bytes: int = Field(0, ge=0, description="0 = no byte limit")
+    spool_min_free_fraction: float = Field(0.05, ge=0, lt=1)
+    duplicate_policy: Literal["forward", "ignore"] = "forward"
+    retention_seconds: float = Field(0.0, ge=0, description="keep delivered objects this long")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_patient_data: bool = Field(False, description="debug only: allow patient data in logs")
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    worklist: Worklist | None = None
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Settings:
+        for name in self.destinations:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"destination name {name!r}: use 1-64 letters, digits, '_', '.', '-'"
+                )
+        return self
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (``path`` or ``$DICOMGW_CONFIG``), overlay the environment, validate."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV])
+    data: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    _overlay_env(data, env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    base = path.parent
+    for key in ("spool_dir", "rules_dir"):
+        if isinstance(loaded.get(key), str) and not Path(loaded[key]).is_absolute():
+            loaded[key] = str(base / loaded[key])
+    return loaded
+
+
+def _overlay_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV:
+            continue
+        path = name[len(ENV_PREFIX) :].split("__")
+        node = data
+        for i, part in enumerate(path):
+            key = _match_key(node, part, top=(i == 0))
+            if i == len(path) - 1:
+                node[key] = _parse_env_value(value)
+            else:
+                child = node.get(key)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[key] = child
+                node = child
+
+
+def _match_key(node: Mapping[str, Any], part: str, *, top: bool) -> str:
+    for existing in node:
+        if existing.lower() == part.lower():
+            return existing
+    return part.lower() if top or part.upper() != part or part.lower() in _ALL_FIELDS else part
+
+
+_ALL_FIELDS = (
+    set(Settings.model_fields)
+    | set(Destination.model_fields)
+    | set(Worklist.model_fields)
+    | set(RetryPolicy.model_fields)
+)
+
+
+def _parse_env_value(value: str) -> Any:
+    """Env values are YAML scalars or flow collections (``[a, b]``, ``{k: v}``)."""
+    try:
+        return yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        return value
+
+
+def _explain(exc: ValidationError, path: Path | None) -> str:
+    where = f"{path}" if path else "configuration"
+    lines = [f"{where}: {exc.error_count()} problem(s):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"])
+        got = err.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        lines.append(f"  - {key}{shown}: {err['msg']} [env: {env}]")
+    return "\n".join(lines)
