@@ -39,5 +39,14 @@ class AssociationAborted(GatewayError):
     """The association was aborted (A-ABORT received or the connection dropped)."""
 
 
+class PeerUnreachable(GatewayError):
+    """We could not open a TCP connection to a peer. ``kind``: connection_refused, connect_timeout,
+    connection_reset or network_error."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class PeerTimeout(GatewayError):
     """A peer did not answer within the configured timeout."""

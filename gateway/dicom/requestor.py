@@ -1,0 +1,246 @@
+"""The requestor: we call a PACS or the RIS, on the same upper layer as the acceptor.
+
+``RequestorAssociation.open`` connects and negotiates; then ``echo``, ``store_file`` (streams a
+spooled file's dataset bytes as they are, PDV by PDV, never holding the object in memory) and ``find``
+(an async iterator of responses) run on it; ``release``/``abort`` end it. An association is used by one
+task at a time, except ``send_cancel`` which may be called while ``find`` is iterating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.dicom import dimse, pdu
+from gateway.dicom.channel import Channel
+from gateway.dicom.fsm import Action, Event, State
+from gateway.dicom.sending import fragment_size, send_message
+from gateway.errors import (
+    AssociationAborted,
+    AssociationRejected,
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+)
+
+MAX_RESPONSE_DATASET = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RequestorConfig:
+    calling_ae: str
+    max_pdu: int = 262144
+    connect_timeout: float = 10.0
+    dimse_timeout: float = 60.0
+    implementation_class_uid: str = "1.2.826.0.1.3680043.8.498.1.0.1"
+    implementation_version: str = "DICOMGW_010"
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiatedContext:
+    id: int
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+class RequestorAssociation:
+    def __init__(self, channel: Channel, config: RequestorConfig,
+                 contexts: dict[int, NegotiatedContext], peer_max_pdu: int) -> None:
+        self.channel = channel
+        self.config = config
+        self.contexts = contexts
+        self.peer_max_pdu = peer_max_pdu
+        self._message_id = 0
+        self._inbox: collections.deque[tuple[dimse.Command, bytes | None]] = collections.deque()
+        self._command = bytearray()
+        self._dataset: bytearray | None = None
+        self._current: dimse.Command | None = None
+
+    @classmethod
+    async def open(cls, host: str, port: int, called_ae: str,
+                   proposals: Sequence[pdu.ContextProposal],
+                   config: RequestorConfig) -> RequestorAssociation:
+        reader, writer = await _connect(host, port, config.connect_timeout)
+        channel = Channel(reader, writer, max_pdu=config.max_pdu, state=State.STA4)
+        try:
+            return await cls._negotiate(channel, called_ae, proposals, config)
+        except BaseException:
+            channel.close()
+            raise
+
+    @classmethod
+    async def _negotiate(cls, channel: Channel, called_ae: str,
+                         proposals: Sequence[pdu.ContextProposal],
+                         config: RequestorConfig) -> RequestorAssociation:
+        channel.fire(Event.CONNECTED)
+        channel.send(pdu.encode_associate_rq(pdu.AssociateRQ(
+            called_ae, config.calling_ae, pdu.APPLICATION_CONTEXT, tuple(proposals),
+            pdu.UserInfo(config.max_pdu, config.implementation_class_uid,
+                         config.implementation_version))))
+        await channel.drain(config.connect_timeout)
+        _, body, action = await channel.read_pdu(config.connect_timeout)
+        if action is Action.REJECTED:
+            rj = pdu.decode_associate_rj(body)
+            channel.close()
+            raise AssociationRejected(rj.result, rj.source, rj.reason)
+        if action is Action.ABORT_INDICATION:
+            channel.close()
+            raise AssociationAborted("the peer aborted during association negotiation")
+        ac = pdu.decode_associate_ac(body)
+        by_id = {p.id: p for p in proposals}
+        contexts = {r.id: NegotiatedContext(r.id, by_id[r.id].abstract_syntax, r.transfer_syntax)
+                    for r in ac.contexts if r.result == 0 and r.id in by_id}
+        return cls(channel, config, contexts, ac.user_info.max_pdu)
+
+    def context_for(self, abstract_syntax: str, transfer_syntaxes: Sequence[str]) -> NegotiatedContext | None:
+        """The accepted context for this SOP class whose syntax comes first in ``transfer_syntaxes``."""
+        for syntax in transfer_syntaxes:
+            for context in self.contexts.values():
+                if context.abstract_syntax == abstract_syntax and context.transfer_syntax == syntax:
+                    return context
+        return None
+
+    def _next_id(self) -> int:
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
+
+    async def echo(self) -> int:
+        context = next((c for c in self.contexts.values()
+                        if c.abstract_syntax == "1.2.840.10008.1.1"), None)
+        if context is None:
+            raise ProtocolError("the peer did not accept the Verification SOP class")
+        message_id = self._next_id()
+        self._send(context.id, dimse.echo_rq(message_id), None)
+        await self.channel.drain(self.config.dimse_timeout)
+        response, _ = await self._response(message_id)
+        return response.status or 0
+
+    async def store_file(self, context: NegotiatedContext, sop_class: str, sop_instance: str,
+                         path: Path, offset: int) -> dimse.Command:
+        """Send the dataset bytes of ``path`` from ``offset`` on, as they are; return the response."""
+        message_id = self._next_id()
+        self._send(context.id, dimse.store_rq(message_id, sop_class, sop_instance), None)
+        size = fragment_size(self.peer_max_pdu)
+        with open(path, "rb", buffering=0) as handle:
+            remaining = os.fstat(handle.fileno()).st_size - offset
+            handle.seek(offset)
+            while True:
+                chunk = handle.read(min(size, remaining))
+                remaining -= len(chunk)
+                last = remaining <= 0 or not chunk
+                self.channel.send(pdu.pdata_header(context.id, 0x02 if last else 0x00, len(chunk)))
+                self.channel.send(chunk)
+                await self.channel.drain(self.config.dimse_timeout)
+                if last:
+                    break
+        response, _ = await self._response(message_id)
+        return response
+
+    async def find(self, context: NegotiatedContext, identifier: bytes,
+                   message_id: int | None = None) -> AsyncIterator[tuple[dimse.Command, bytes | None]]:
+        """Send a C-FIND-RQ and yield each response until the final one."""
+        message_id = message_id or self._next_id()
+        self._send(context.id, dimse.find_rq(message_id, context.abstract_syntax), identifier)
+        await self.channel.drain(self.config.dimse_timeout)
+        while True:
+            response, dataset = await self._response(message_id)
+            yield response, dataset
+            if response.status not in (dimse.PENDING, dimse.PENDING_WARNING):
+                return
+
+    def next_message_id(self) -> int:
+        return self._next_id()
+
+    def send_cancel(self, context: NegotiatedContext, message_id: int) -> None:
+        self._send(context.id, dimse.cancel_rq(message_id), None)
+
+    def _send(self, context_id: int, command: bytes, dataset: bytes | None) -> None:
+        self.channel.fire(Event.LOCAL_DATA)
+        send_message(self.channel, context_id, command, dataset, self.peer_max_pdu)
+
+    async def _response(self, message_id: int) -> tuple[dimse.Command, bytes | None]:
+        while not self._inbox:
+            await self._read_more(self.config.dimse_timeout)
+        response, dataset = self._inbox.popleft()
+        if response.responded_id != message_id:
+            raise ProtocolError(f"response to message {response.responded_id}, "
+                                f"expected {message_id}")
+        return response, dataset
+
+    async def _read_more(self, timeout: float) -> None:
+        _, body, action = await self.channel.read_pdu(timeout)
+        if action in (Action.DELIVER_DATA, Action.DELIVER_DATA_RELEASING):
+            self._take_pdvs(memoryview(body))
+        elif action is Action.ABORT_INDICATION:
+            source, reason = pdu.decode_abort(body)
+            self.channel.close()
+            raise AssociationAborted(f"the peer aborted the association (source {source}, "
+                                     f"reason {reason})")
+        else:
+            self.channel.abort()
+            raise ProtocolError(f"unexpected {action.value} while awaiting a response")
+
+    def _take_pdvs(self, body: memoryview) -> None:
+        for _, control, fragment in pdu.iter_pdvs(body):
+            if control & 1:
+                self._command += fragment
+                if control & 2:
+                    command = dimse.decode_command(bytes(self._command))
+                    self._command.clear()
+                    if command.has_dataset:
+                        self._current, self._dataset = command, bytearray()
+                    else:
+                        self._inbox.append((command, None))
+            elif self._dataset is not None and self._current is not None:
+                self._dataset += fragment
+                if len(self._dataset) > MAX_RESPONSE_DATASET:
+                    raise ProtocolError("response dataset larger than 64 MiB")
+                if control & 2:
+                    self._inbox.append((self._current, bytes(self._dataset)))
+                    self._current, self._dataset = None, None
+            else:
+                raise ProtocolError("dataset fragment without a command")
+
+    async def release(self) -> None:
+        """A-RELEASE, handling a release collision; aborts if the peer does not answer."""
+        channel = self.channel
+        try:
+            channel.fire(Event.LOCAL_RELEASE)
+            channel.send(pdu.encode_release_rq())
+            await channel.drain(self.config.dimse_timeout)
+            while True:
+                _, _, action = await channel.read_pdu(self.config.dimse_timeout)
+                if action is Action.COLLISION:
+                    channel.fire(Event.LOCAL_RELEASE_RESPONSE)
+                    channel.send(pdu.encode_release_rp())
+                elif action in (Action.RELEASED, Action.ABORT_INDICATION):
+                    break
+        except (PeerTimeout, ProtocolError, AssociationAborted):
+            channel.abort()
+        finally:
+            channel.close()
+
+    def abort(self) -> None:
+        self.channel.abort()
+
+
+async def _connect(host: str, port: int,
+                   timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.open_connection(host, port)
+    except TimeoutError:
+        raise PeerUnreachable(f"no answer from {host}:{port} within {timeout:g} s",
+                              "connect_timeout") from None
+    except ConnectionRefusedError:
+        raise PeerUnreachable(f"nothing listens at {host}:{port}", "connection_refused") from None
+    except ConnectionResetError:
+        raise PeerUnreachable(f"{host}:{port} reset the connection", "connection_reset") from None
+    except OSError as exc:
+        kind = "connect_timeout" if exc.errno == errno.ETIMEDOUT else "network_error"
+        raise PeerUnreachable(f"cannot connect to {host}:{port}: {exc.strerror}", kind) from None
