@@ -41,7 +41,7 @@ class AssociationAborted(GatewayError):
 
 class PeerUnreachable(GatewayError):
     """We could not open a TCP connection to a peer. ``kind``: connection_refused, connect_timeout,
-    connection_reset or network_error."""
+    or connection_reset."""
 
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)

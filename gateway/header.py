@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.filereader import read_dataset
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +53,54 @@ def _as_strings(value: Any) -> tuple[str, ...]:
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         return tuple(str(v) for v in value)
     return (str(value),)
+
+
+class HeaderUnreadable(Exception):
+    """The dataset's header could not be parsed (it is not a valid DICOM dataset)."""
+
+
+def read_header(data: bytes, transfer_syntax: str, keywords: Iterable[str], *,
+                complete: bool) -> Any:
+    """Parse the elements routing needs from the first bytes of a dataset.
+
+    Parsing stops after the last element of ``keywords`` (and always before Pixel Data). When
+    ``complete`` is false, ``data`` is only a prefix: if it ends before every needed element was
+    passed, ``PrefixTooShort`` is raised and the caller parses the whole file instead.
+    ``HeaderUnreadable`` means the bytes are not a dataset at all.
+    """
+    wanted = list(keywords)
+    last = max((tag for tag in map(tag_for_keyword, wanted) if tag is not None), default=0)
+    if transfer_syntax == DEFLATED_LE:
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+    implicit = transfer_syntax == IMPLICIT_LE
+    little = transfer_syntax != EXPLICIT_BE
+    stream = io.BytesIO(data)
+    try:
+        dataset = read_dataset(stream, implicit, little,
+                               stop_when=lambda tag, vr, length: tag > last or tag >= _PIXEL_DATA)
+    except Exception as exc:  # pydicom raises many types on bad bytes; translated here
+        if not complete:
+            raise PrefixTooShort(str(exc)) from None
+        raise HeaderUnreadable(f"cannot parse the dataset header: {exc}") from None
+    if not complete and stream.tell() >= len(data) and any(k not in dataset for k in wanted):
+        raise PrefixTooShort("the prefix ended before the needed elements")
+    return dataset
+
+
+def read_header_file(path: Path, offset: int, transfer_syntax: str, keywords: Iterable[str]) -> Any:
+    """``read_header`` on a whole spooled file (dataset at ``offset``), header part only."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read(_MAX_HEADER)
+    return read_header(data, transfer_syntax, keywords, complete=True)
+
+
+class PrefixTooShort(Exception):
+    """The buffered prefix did not reach every element routing needs."""
+
+
+_PIXEL_DATA = 0x7FE00010
+_MAX_HEADER = 64 * 1024 * 1024
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"

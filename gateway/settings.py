@@ -7,6 +7,7 @@ the YAML file; an environment variable that names a destination matches it case-
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -46,7 +47,7 @@ class RetryPolicy(_Frozen):
 
     base_delay: float = Field(2.0, gt=0, description="first retry delay ceiling, seconds")
     max_delay: float = Field(300.0, gt=0, description="cap of one retry delay, seconds")
-    max_attempts: int = Field(20, ge=1, description="attempts before dead-lettering")
+    max_attempts: int = Field(500, ge=1, description="attempts before dead-lettering")
     max_age: float = Field(86400.0, gt=0, description="seconds after receipt before dead-lettering")
     status_overrides: dict[str, Literal["delivered", "transient", "permanent"]] = Field(
         default_factory=dict,
@@ -76,10 +77,30 @@ class Destination(Peer):
 class Worklist(Peer):
     """The upstream Modality Worklist SCP (the RIS)."""
 
-    deadline: float = Field(20.0, gt=0, description="answer the modality with a failure after this many seconds")
+    deadline: float = Field(
+        20.0, gt=0, description="answer the modality with a failure after this many seconds"
+    )
     coerce_station_ae: bool = Field(
         False, description="fill an empty ScheduledStationAETitle with the calling AE title"
     )
+
+
+class Modality(_Frozen):
+    """A modality we know: its calling AE title and, optionally, the addresses it may call from."""
+
+    ae_title: AETitle
+    addresses: list[str] = Field(
+        default_factory=list, description="IP addresses or CIDR networks; empty = any address"
+    )
+
+    @model_validator(mode="after")
+    def _check_addresses(self) -> Modality:
+        for address in self.addresses:
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError:
+                raise ValueError(f"{address!r} is not an IP address or CIDR network") from None
+        return self
 
 
 class Settings(_Frozen):
@@ -102,8 +123,13 @@ class Settings(_Frozen):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_patient_data: bool = Field(False, description="debug only: allow patient data in logs")
+    modalities: list[Modality] = Field(default_factory=list)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     worklist: Worklist | None = None
+
+    @property
+    def known_calling_aes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m.ae_title for m in self.modalities))
 
     @model_validator(mode="after")
     def _check_names(self) -> Settings:
@@ -178,6 +204,7 @@ _ALL_FIELDS = (
     | set(Destination.model_fields)
     | set(Worklist.model_fields)
     | set(RetryPolicy.model_fields)
+    | set(Modality.model_fields)
 )
 
 

@@ -141,6 +141,15 @@ class RequestorAssociation:
         response, _ = await self._response(message_id)
         return response
 
+    async def store_bytes(self, context: NegotiatedContext, sop_class: str, sop_instance: str,
+                          dataset: bytes) -> dimse.Command:
+        """Send a dataset held in memory (used only for the rare uncompressed conversion)."""
+        message_id = self._next_id()
+        self._send(context.id, dimse.store_rq(message_id, sop_class, sop_instance), dataset)
+        await self.channel.drain(self.config.dimse_timeout)
+        response, _ = await self._response(message_id)
+        return response
+
     async def find(self, context: NegotiatedContext, identifier: bytes,
                    message_id: int | None = None) -> AsyncIterator[tuple[dimse.Command, bytes | None]]:
         """Send a C-FIND-RQ and yield each response until the final one."""
@@ -242,5 +251,5 @@ async def _connect(host: str, port: int,
     except ConnectionResetError:
         raise PeerUnreachable(f"{host}:{port} reset the connection", "connection_reset") from None
     except OSError as exc:
-        kind = "connect_timeout" if exc.errno == errno.ETIMEDOUT else "network_error"
+        kind = "connection_refused" if exc.errno == errno.ECONNREFUSED else "connect_timeout"
         raise PeerUnreachable(f"cannot connect to {host}:{port}: {exc.strerror}", kind) from None

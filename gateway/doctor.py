@@ -1,0 +1,24 @@
+"""``dicom-gateway doctor``: C-ECHO every destination and check the RIS, in plain words."""
+
+from __future__ import annotations
+
+from gateway.scu import echo_peer
+from gateway.settings import Settings
+
+
+async def run_doctor(settings: Settings) -> int:
+    failures = 0
+    if not settings.destinations and settings.worklist is None:
+        print("no destinations and no worklist configured: nothing to check")
+        return 1
+    for name, destination in settings.destinations.items():
+        result = await echo_peer(name, destination, settings.ae_title)
+        print(("OK    " if result.ok else "FAIL  ") + result.message)
+        failures += not result.ok
+    if settings.worklist is not None:
+        from gateway.mwl import check_worklist
+
+        ok, message = await check_worklist(settings.worklist, settings.ae_title)
+        print(("OK    " if ok else "FAIL  ") + message)
+        failures += not ok
+    return 1 if failures else 0

@@ -1,0 +1,310 @@
+"""One forwarder per destination: a bounded queue fed from the journal, associations reused,
+retries with backoff, dead letters.
+
+Theory of operation
+-------------------
+The journal is the queue of record; memory holds at most ``queue_capacity`` deliveries. The
+*feeder* pages due deliveries out of the journal in arrival order into the in-memory deque and
+then waits until it is woken (a new instance was routed here, an attempt was recorded), a retry
+becomes due, or ``RESCAN`` seconds pass (which also picks up ``dicom-gateway queue retry`` done by
+another process). ``associations`` *workers* take deliveries from the deque; each keeps one
+association open while work remains and releases it after ``idle_timeout``.
+
+After every attempt the outcome is classified (``gateway.retry``) and recorded in the journal
+before the delivery leaves the in-flight set: a crash at any point leaves the delivery pending,
+so it is sent again after restart (at least once). Failures of the destination itself (refused,
+rejected, unreachable) charge only the delivery at hand and pause the whole destination for a
+backoff, so a PACS outage neither burns every item's attempts nor spins. Destinations never share
+queues, tasks or associations: one that is down never slows another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from gateway.dicom.negotiation import EXPLICIT_BE, IMPLICIT_LE, UNCOMPRESSED
+from gateway.dicom.requestor import NegotiatedContext, RequestorAssociation, RequestorConfig
+from gateway.errors import GatewayError
+from gateway.explain import explain_failure, explain_status
+from gateway.journal import Delivery
+from gateway.metrics import Metrics
+from gateway.retry import Outcome, backoff, classify_failure, classify_status, next_step
+from gateway.scu import Failure, build_proposals, echo_peer, explain_peer, failure_of
+from gateway.settings import Destination
+from gateway.spool import Spool
+
+log = logging.getLogger("gateway.forwarder")
+
+RESCAN = 5.0
+PROBE_INTERVAL = 30.0
+
+
+class NoContext(GatewayError):
+    """The destination accepted no presentation context this object can be sent in."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    outcome: Outcome
+    status: int | None
+    detail: str
+    destination_failure: bool = False
+
+
+class Forwarder:
+    def __init__(self, name: str, destination: Destination, spool: Spool, metrics: Metrics, *,
+                 calling_ae: str, max_pdu: int = 262144,
+                 clock: Callable[[], float] = time.time,
+                 uniform: Callable[[], float] = random.random) -> None:
+        self.name = name
+        self.destination = destination
+        self.spool = spool
+        self.metrics = metrics
+        self.calling_ae = calling_ae
+        self.config = RequestorConfig(calling_ae, max_pdu, destination.connect_timeout,
+                                      destination.dimse_timeout)
+        self.clock = clock
+        self.uniform = uniform
+        self.queue: collections.deque[Delivery] = collections.deque()
+        self.inflight: set[int] = set()
+        self._retry_times: list[float] = []
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._paused_until = 0.0
+        self._failures = 0
+        self._last_success = 0.0
+
+    def wake(self) -> None:
+        """New work may be in the journal."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._feed)
+            tg.start_soon(self._probe)
+            for _ in range(self.destination.associations):
+                tg.start_soon(self._work)
+
+    # ------------------------------------------------------------------------------- feeding
+
+    async def _feed(self) -> None:
+        after = 0
+        capacity = self.destination.queue_capacity
+        while True:
+            room = capacity - len(self.queue)
+            if room <= 0:
+                self._space.clear()
+                await self._space.wait()
+                continue
+            self._wake.clear()
+            items = await self.spool.pending(self.name, after, room, self.clock())
+            fresh = [item for item in items if item.instance_id not in self.inflight]
+            if fresh:
+                self.queue.extend(fresh)
+                self.inflight.update(item.instance_id for item in fresh)
+                self._ready.set()
+            if len(items) == room:
+                after = items[-1].instance_id
+                continue
+            after = 0
+            await self._sleep_until_work()
+
+    async def _sleep_until_work(self) -> None:
+        now = self.clock()
+        while self._retry_times and self._retry_times[0] <= now:
+            heapq.heappop(self._retry_times)
+        wait = RESCAN
+        if self._retry_times:
+            wait = min(wait, self._retry_times[0] - now)
+        due = await self.spool.next_due(self.name)
+        if due is not None and due > now:
+            wait = min(wait, due - now)
+        with anyio.move_on_after(max(wait, 0.01)):
+            await self._wake.wait()
+
+    # ------------------------------------------------------------------------------- sending
+
+    async def _take(self, timeout: float | None) -> Delivery | None:
+        while not self.queue:
+            self._ready.clear()
+            with anyio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+                await self._ready.wait()
+            if scope.cancelled_caught:
+                return None
+        item = self.queue.popleft()
+        self._space.set()
+        return item
+
+    async def _work(self) -> None:
+        session = Session(self)
+        try:
+            while True:
+                item = await self._take(self.destination.idle_timeout if session.open else None)
+                if item is None:
+                    await session.release()
+                    continue
+                try:
+                    await self._deliver(session, item)
+                finally:
+                    self.inflight.discard(item.instance_id)
+        finally:
+            session.abort()
+
+    async def _deliver(self, session: Session, item: Delivery) -> None:
+        pause = self._paused_until - self.clock()
+        if pause > 0:
+            await anyio.sleep(pause)
+        started = time.perf_counter()
+        attempt = await session.send(item)
+        seconds = time.perf_counter() - started
+        self.metrics.forward_attempt(self.name, attempt.outcome, seconds, item.size)
+        await self._record(item, attempt)
+
+    async def _record(self, item: Delivery, attempt: Attempt) -> None:
+        now = self.clock()
+        policy = self.destination.retry
+        step = next_step(item.attempts + 1, item.received_at, now, attempt.outcome, policy,
+                         self.uniform())
+        detail = attempt.detail if step.done or not step.dead else f"{attempt.detail}; {step.reason}"
+        await self.spool.record_attempt(item.instance_id, self.name, attempt.outcome,
+                                        attempt.status, detail[:1000],
+                                        next_attempt_at=step.retry_at, dead=step.dead)
+        if attempt.destination_failure:
+            self._failures += 1
+            self._paused_until = now + backoff(self._failures, policy, self.uniform())
+            self.metrics.set_destination_up(self.name, False)
+        elif attempt.outcome in ("delivered", "warning"):
+            self._failures = 0
+            self._last_success = now
+            self.metrics.set_destination_up(self.name, True)
+        if step.retry_at is not None:
+            heapq.heappush(self._retry_times, step.retry_at)
+        if step.dead:
+            log.warning("dead-lettered instance %s for %s: %s", item.sop_instance_uid, self.name,
+                        detail)
+        self.wake()
+
+    async def _probe(self) -> None:
+        """C-ECHO the destination when it has been quiet, so ``destination_up`` stays current."""
+        while True:
+            if self.clock() - self._last_success >= PROBE_INTERVAL:
+                result = await echo_peer(self.name, self.destination, self.calling_ae)
+                self.metrics.set_destination_up(self.name, result.ok)
+            await anyio.sleep(PROBE_INTERVAL)
+
+
+class Session:
+    """One worker's association to the destination, reused while its contexts fit the work."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+        self.association: RequestorAssociation | None = None
+        self.covered: set[tuple[str, str]] = set()
+
+    @property
+    def open(self) -> bool:
+        return self.association is not None
+
+    async def send(self, item: Delivery) -> Attempt:
+        f = self.forwarder
+        try:
+            association = await self._association_for(item)
+        except (GatewayError, OSError) as exc:
+            self.abort()
+            failure = failure_of(exc)
+            return Attempt(classify_failure(failure.kind, rj_result=failure.rj and failure.rj[0]),
+                           None, self._explain(failure), destination_failure=True)
+        try:
+            context, payload = await self._context_and_payload(association, item)
+            if payload is None:
+                response = await association.store_file(context, item.sop_class_uid,
+                                                        item.sop_instance_uid, item.path,
+                                                        item.dataset_offset)
+            else:
+                response = await association.store_bytes(context, item.sop_class_uid,
+                                                         item.sop_instance_uid, payload)
+        except NoContext as exc:
+            return Attempt("permanent", None, str(exc))
+        except (GatewayError, OSError) as exc:
+            self.abort()
+            failure = failure_of(exc)
+            return Attempt(classify_failure(failure.kind), None, self._explain(failure))
+        status = response.status if response.status is not None else 0xC000
+        outcome = classify_status(status, f.destination.retry.status_overrides)
+        detail = explain_status(status, f.destination.retry.status_overrides)
+        if response.error_comment:
+            detail = f"{detail}: {response.error_comment}"
+        return Attempt(outcome, status, detail)
+
+    def _explain(self, failure: Failure) -> str:
+        f = self.forwarder
+        return explain_peer(f.name, f.destination, f.calling_ae, failure)
+
+    async def _association_for(self, item: Delivery) -> RequestorAssociation:
+        key = (item.sop_class_uid, item.transfer_syntax)
+        if self.association is not None and key in self.covered:
+            return self.association
+        await self.release()
+        f = self.forwarder
+        upcoming = itertools.islice(f.queue, 2 * 128)
+        pairs = [key, *((d.sop_class_uid, d.transfer_syntax) for d in upcoming)]
+        proposals, self.covered = build_proposals(pairs)
+        self.association = await RequestorAssociation.open(
+            f.destination.host, f.destination.port, f.destination.ae_title, proposals, f.config)
+        f._last_success = f.clock()
+        return self.association
+
+    async def _context_and_payload(self, association: RequestorAssociation,
+                                   item: Delivery) -> tuple[NegotiatedContext, bytes | None]:
+        context = association.context_for(item.sop_class_uid, [item.transfer_syntax])
+        if context is not None:
+            return context, None
+        if item.transfer_syntax in UNCOMPRESSED:
+            context = association.context_for(item.sop_class_uid, UNCOMPRESSED)
+            if context is not None:
+                payload = await anyio.to_thread.run_sync(
+                    convert_uncompressed, item, context.transfer_syntax)
+                return context, payload
+        f = self.forwarder
+        raise NoContext(explain_failure(
+            "no_presentation_context", peer_name=f.name, host=f.destination.host,
+            port=f.destination.port, called_ae=f.destination.ae_title, calling_ae=f.calling_ae,
+            sop_class_uid=item.sop_class_uid, transfer_syntax_uid=item.transfer_syntax))
+
+    async def release(self) -> None:
+        association, self.association = self.association, None
+        self.covered = set()
+        if association is not None:
+            await association.release()
+
+    def abort(self) -> None:
+        association, self.association = self.association, None
+        self.covered = set()
+        if association is not None:
+            association.abort()
+
+
+def convert_uncompressed(item: Delivery, syntax: str) -> bytes:
+    """Re-encode an uncompressed dataset in another uncompressed syntax (the only conversion
+    the gateway makes; compressed data is never transcoded)."""
+    dataset = dcmread(item.path, force=True)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = syntax != EXPLICIT_BE
+    buffer.is_implicit_VR = syntax == IMPLICIT_LE
+    del dataset.file_meta
+    write_dataset(buffer, dataset)
+    return buffer.getvalue()

@@ -1,0 +1,182 @@
+"""The composition root: builds every component from ``Settings`` and runs them in one task group.
+
+Start-up order: spool recovery (so nothing acknowledged is forgotten), rules, forwarders, then the
+DICOM listener and HTTP; ``task_status.started`` reports the bound ports once the gateway listens.
+Shutdown (``stop()`` or SIGTERM/SIGINT via the CLI): stop accepting, let associations in flight
+finish for ``shutdown_timeout``, cancel the rest, close the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from prometheus_client import CollectorRegistry
+
+from gateway.dicom.acceptor import Acceptor, AcceptorConfig
+from gateway.errors import RulesError
+from gateway.forwarder import Forwarder
+from gateway.http import HttpServer, Readiness
+from gateway.metrics import DestinationState, GatewayState, Metrics, MwlOutcome
+from gateway.routing import RuleSet
+from gateway.rules import load_rules
+from gateway.rules_watch import RulesWatcher
+from gateway.scp import GatewayServices, Ingest, WorklistService
+from gateway.settings import Settings
+from gateway.spool import Spool, StoredInstance
+
+log = logging.getLogger("gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Where the running gateway listens (ports resolved when 0 was configured)."""
+
+    dicom_port: int
+    http_port: int
+
+
+class RulesHolder:
+    """The rule set in force; swapped whole by the watcher, read by ingest."""
+
+    def __init__(self, current: RuleSet) -> None:
+        self.current = current
+
+
+class Gateway:
+    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry, destinations=tuple(settings.destinations),
+                               known_calling_aes=tuple(settings.known_calling_aes))
+        self.spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes,
+                           min_free_fraction=settings.spool_min_free_fraction,
+                           duplicate_policy=settings.duplicate_policy,
+                           retention_seconds=settings.retention_seconds)
+        self.forwarders = {
+            name: Forwarder(name, destination, self.spool, self.metrics,
+                            calling_ae=settings.ae_title, max_pdu=settings.max_pdu)
+            for name, destination in settings.destinations.items()
+        }
+        self.rules: RulesHolder | None = None
+        self.watcher: RulesWatcher | None = None
+        self.acceptor: Acceptor | None = None
+        self._stop = anyio.Event()
+        self._state = GatewayState()
+        self.listening = False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[Bound] = anyio.TASK_STATUS_IGNORED) -> None:
+        settings = self.settings
+        report = await self.spool.open()
+        log.info("spool recovered: %d pending deliveries, %d held, %d partial files swept, "
+                 "%d orphans removed", report.pending_deliveries, report.held_instances,
+                 report.swept_temp_files, report.orphan_files)
+        try:
+            ruleset = await anyio.to_thread.run_sync(load_rules, settings.rules_dir,
+                                                     tuple(settings.destinations))
+            self.rules = RulesHolder(ruleset)
+            self.metrics.rules_reloaded(True, len(ruleset.rules))
+            await self._serve(ruleset, task_status)
+        finally:
+            self.listening = False
+            with anyio.CancelScope(shield=True):
+                await self.spool.close()
+
+    async def _serve(self, ruleset: RuleSet, task_status: TaskStatus[Bound]) -> None:
+        settings = self.settings
+        assert self.rules is not None
+        ingest = Ingest(self.spool, self.rules, self.metrics, self._notify)
+        services = GatewayServices(ingest, self.metrics, self._worklist())
+        self.acceptor = Acceptor(AcceptorConfig(
+            settings.ae_title, settings.max_associations, settings.max_pdu,
+            settings.artim_timeout, settings.network_timeout,
+            worklist_enabled=settings.worklist is not None), services)
+        watcher = self.watcher = RulesWatcher(
+            settings.rules_dir, tuple(settings.destinations), self._rules_reloaded,
+            self._rules_failed, initial=ruleset)
+        http = HttpServer(settings.http_host, settings.http_port, self.registry, self.readiness,
+                          before_scrape=self.refresh_state)
+        self.metrics.attach_state(lambda: self._state)
+        async with anyio.create_task_group() as tg:
+            for forwarder in self.forwarders.values():
+                tg.start_soon(forwarder.run)
+            await tg.start(watcher.run)
+            http_port = await tg.start(http.serve)
+            dicom_port = await tg.start(self.acceptor.serve, settings.host, settings.port)
+            self.listening = True
+            task_status.started(Bound(dicom_port, http_port))
+            await self._stop.wait()
+            log.info("stopping: draining associations for up to %g s", settings.shutdown_timeout)
+            self.listening = False
+            await self.acceptor.drain(settings.shutdown_timeout)
+            tg.cancel_scope.cancel()
+
+    async def reload_rules(self) -> None:
+        """Validate and swap the rules now (SIGHUP)."""
+        if self.watcher is not None:
+            await self.watcher.reload_now()
+
+    def _worklist(self) -> WorklistService | None:
+        if self.settings.worklist is None:
+            return None
+        from gateway.mwl import WorklistProxy
+
+        proxy: Any = WorklistProxy(self.settings.worklist, calling_ae=self.settings.ae_title,
+                                   observer=self._mwl_observed)
+        return proxy  # type: ignore[no-any-return]
+
+    def _mwl_observed(self, calling_ae: str, outcome: MwlOutcome, seconds: float | None,
+                      results: int) -> None:
+        self.metrics.mwl_query(calling_ae, outcome, seconds, results)
+
+    def _notify(self, stored: StoredInstance, destinations: tuple[str, ...] | Any) -> None:
+        for name in destinations:
+            forwarder = self.forwarders.get(name)
+            if forwarder is not None:
+                forwarder.wake()
+
+    def _rules_reloaded(self, ruleset: RuleSet) -> None:
+        assert self.rules is not None
+        self.rules.current = ruleset
+        self.metrics.rules_reloaded(True, len(ruleset.rules))
+        log.info("rules reloaded: %d rules from %d files", len(ruleset.rules), len(ruleset.files))
+
+    def _rules_failed(self, error: RulesError) -> None:
+        self.metrics.rules_reloaded(False, 0)
+        log.error("rules not reloaded, the previous rules stay in force:\n%s", error)
+
+    async def refresh_state(self) -> None:
+        """Snapshot journal counts for the scrape (the journal lives on its own thread, so the
+        collector cannot query it synchronously; the HTTP server awaits this before /metrics)."""
+        counts = await self.spool.counts()
+        held = await self.spool.held_count()
+        usage = self.spool.usage()
+        now = time.time()
+        destinations = {}
+        for name, destination in self.settings.destinations.items():
+            c = counts.get(name)
+            oldest = (now - c.oldest_received_at) if c and c.oldest_received_at else 0.0
+            destinations[name] = DestinationState(c.pending if c else 0, destination.queue_capacity,
+                                                  max(oldest, 0.0), c.dead if c else 0)
+        self._state = GatewayState(destinations, held, usage.free_bytes, usage.used_bytes,
+                                   usage.capacity_bytes)
+
+    def readiness(self) -> Readiness:
+        reasons = []
+        if not self.listening:
+            reasons.append("not listening for DICOM")
+        usage = self.spool.usage()
+        if not usage.writable:
+            reasons.append("spool not writable")
+        if usage.over_high_water:
+            reasons.append("spool over its high-water mark")
+        if self.rules is None:
+            reasons.append("rules not loaded")
+        return Readiness(not reasons, tuple(reasons))
