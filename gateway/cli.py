@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,9 +13,13 @@ from pathlib import Path
 import anyio
 import yaml
 
-from gateway import __version__, logs
+from gateway import __version__, cli_queue, logs
 from gateway.cli_rules import add_rules_commands
+from gateway.demo.run import run_demo
+from gateway.doctor import run_doctor
 from gateway.errors import ConfigError, GatewayError
+from gateway.scu import echo_peer
+from gateway.service import Gateway
 from gateway.settings import Peer, Settings, load_settings
 
 
@@ -76,8 +81,6 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from gateway import cli_queue
-
     cli_queue.add_queue_commands(commands, _config_option)
 
 
@@ -92,8 +95,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings) -> None:
-    from gateway.service import Gateway
-
     gateway = Gateway(settings)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_signals, gateway)
@@ -101,10 +102,7 @@ async def serve(settings: Settings) -> None:
         tg.cancel_scope.cancel()
 
 
-async def _signals(gateway: object) -> None:
-    from gateway.service import Gateway
-
-    assert isinstance(gateway, Gateway)
+async def _signals(gateway: Gateway) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
         async for signum in received:
             if signum == signal.SIGHUP:
@@ -123,13 +121,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo.run import run_demo
-
     logs.configure("text", "INFO")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_demo(args.data_dir, args.port, args.http_port))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -137,8 +131,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from gateway.scu import echo_peer
-
     settings = load_settings(args.config)
     peer, key = _peer(settings, args.name)
     result = anyio.run(lambda: echo_peer(args.name, peer, settings.ae_title, config_key=key))
@@ -158,8 +150,6 @@ def _peer(settings: Settings, name: str) -> tuple[Peer, str]:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from gateway.doctor import run_doctor
-
     settings = load_settings(args.config)
     return anyio.run(run_doctor, settings)
 

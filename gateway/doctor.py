@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.mwl import check_worklist
 from gateway.scu import echo_peer
 from gateway.settings import Settings
 
@@ -16,8 +17,6 @@ async def run_doctor(settings: Settings) -> int:
         print(("OK    " if result.ok else "FAIL  ") + result.message)
         failures += not result.ok
     if settings.worklist is not None:
-        from gateway.mwl import check_worklist
-
         ok, message = await check_worklist(settings.worklist, settings.ae_title)
         print(("OK    " if ok else "FAIL  ") + message)
         failures += not ok

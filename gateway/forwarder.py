@@ -64,11 +64,16 @@ class Attempt:
     destination_failure: bool = False
 
 
+AttemptObserver = Callable[[str, Delivery, Attempt, bool], None]
+"""Called after every recorded attempt with (destination, delivery, attempt, dead-lettered)."""
+
+
 class Forwarder:
     def __init__(self, name: str, destination: Destination, spool: Spool, metrics: Metrics, *,
                  calling_ae: str, max_pdu: int = 262144,
                  clock: Callable[[], float] = time.time,
-                 uniform: Callable[[], float] = random.random) -> None:
+                 uniform: Callable[[], float] = random.random,
+                 observer: AttemptObserver | None = None) -> None:
         self.name = name
         self.destination = destination
         self.spool = spool
@@ -78,6 +83,7 @@ class Forwarder:
                                       destination.dimse_timeout)
         self.clock = clock
         self.uniform = uniform
+        self.observer = observer
         self.queue: collections.deque[Delivery] = collections.deque()
         self.inflight: set[int] = set()
         self._retry_times: list[float] = []
@@ -193,6 +199,8 @@ class Forwarder:
             self.metrics.set_destination_up(self.name, True)
         if step.retry_at is not None:
             heapq.heappush(self._retry_times, step.retry_at)
+        if self.observer is not None:
+            self.observer(self.name, item, attempt, step.dead)
         if step.dead:
             log.warning("dead-lettered instance %s for %s: %s", item.sop_instance_uid, self.name,
                         detail)

@@ -19,13 +19,15 @@ from prometheus_client import CollectorRegistry
 
 from gateway.dicom.acceptor import Acceptor, AcceptorConfig
 from gateway.errors import RulesError
-from gateway.forwarder import Forwarder
+from gateway.forwarder import AttemptObserver, Forwarder
 from gateway.http import HttpServer, Readiness
 from gateway.metrics import DestinationState, GatewayState, Metrics, MwlOutcome
+from gateway.mwl import WorklistProxy
 from gateway.routing import RuleSet
 from gateway.rules import load_rules
 from gateway.rules_watch import RulesWatcher
 from gateway.scp import GatewayServices, Ingest, WorklistService
+from gateway.sdnotify import Notifier
 from gateway.settings import Settings
 from gateway.spool import Spool, StoredInstance
 
@@ -48,18 +50,22 @@ class RulesHolder:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None,
+                 spool: Spool | None = None, notifier: Notifier | None = None,
+                 attempt_observer: AttemptObserver | None = None) -> None:
         self.settings = settings
+        self.notifier = notifier or Notifier()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, destinations=tuple(settings.destinations),
                                known_calling_aes=tuple(settings.known_calling_aes))
-        self.spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes,
+        self.spool = spool or Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes,
                            min_free_fraction=settings.spool_min_free_fraction,
                            duplicate_policy=settings.duplicate_policy,
                            retention_seconds=settings.retention_seconds)
         self.forwarders = {
             name: Forwarder(name, destination, self.spool, self.metrics,
-                            calling_ae=settings.ae_title, max_pdu=settings.max_pdu)
+                            calling_ae=settings.ae_title, max_pdu=settings.max_pdu,
+                            observer=attempt_observer)
             for name, destination in settings.destinations.items()
         }
         self.rules: RulesHolder | None = None
@@ -112,7 +118,10 @@ class Gateway:
             dicom_port = await tg.start(self.acceptor.serve, settings.host, settings.port)
             self.listening = True
             task_status.started(Bound(dicom_port, http_port))
+            self.notifier.notify(f"READY=1\nSTATUS=listening on {dicom_port}")
+            tg.start_soon(self.notifier.watchdog)
             await self._stop.wait()
+            self.notifier.notify("STOPPING=1")
             log.info("stopping: draining associations for up to %g s", settings.shutdown_timeout)
             self.listening = False
             await self.acceptor.drain(settings.shutdown_timeout)
@@ -126,11 +135,8 @@ class Gateway:
     def _worklist(self) -> WorklistService | None:
         if self.settings.worklist is None:
             return None
-        from gateway.mwl import WorklistProxy
-
-        proxy: Any = WorklistProxy(self.settings.worklist, calling_ae=self.settings.ae_title,
-                                   observer=self._mwl_observed)
-        return proxy  # type: ignore[no-any-return]
+        return WorklistProxy(self.settings.worklist, calling_ae=self.settings.ae_title,
+                             observer=self._mwl_observed)
 
     def _mwl_observed(self, calling_ae: str, outcome: MwlOutcome, seconds: float | None,
                       results: int) -> None:

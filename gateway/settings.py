@@ -106,7 +106,7 @@ class Modality(_Frozen):
 class Settings(_Frozen):
     ae_title: AETitle = "DICOMGW"
     host: str = "0.0.0.0"
-    port: Port = 11112
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0: any free port (tests)
     spool_dir: Path = Path("var/spool")
     rules_dir: Path = Path("rules")
     http_host: str = "127.0.0.1"
