@@ -122,7 +122,6 @@ class Settings(_Frozen):
     retention_seconds: float = Field(0.0, ge=0, description="keep delivered objects this long")
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_patient_data: bool = Field(False, description="debug only: allow patient data in logs")
     modalities: list[Modality] = Field(default_factory=list)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     worklist: Worklist | None = None
