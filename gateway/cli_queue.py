@@ -59,8 +59,7 @@ def add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _open(settings: Settings) -> Spool:
-    if not (settings.spool_dir / "journal.sqlite").exists() and not settings.spool_dir.exists():
-        raise ConfigError(f"no spool at {settings.spool_dir}: check spool_dir in the configuration")
+    """The spool for operator commands (``open_readonly`` says clearly when there is none)."""
     return Spool(settings.spool_dir)
 
 

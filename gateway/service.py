@@ -17,6 +17,7 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
+from gateway.access import AccessPolicy
 from gateway.dicom.acceptor import Acceptor, AcceptorConfig
 from gateway.errors import RulesError
 from gateway.forwarder import AttemptObserver, Forwarder
@@ -32,6 +33,7 @@ from gateway.settings import Settings
 from gateway.spool import Spool, StoredInstance
 
 log = logging.getLogger("gateway")
+HOUSEKEEPING_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,11 @@ class Gateway:
         settings = self.settings
         assert self.rules is not None
         ingest = Ingest(self.spool, self.rules, self.metrics, self._notify)
-        services = GatewayServices(ingest, self.metrics, self._worklist())
+        access = AccessPolicy(settings.modalities)
+        if access.open:
+            log.warning("no modalities configured: any calling AE title is accepted "
+                        "(list them under 'modalities' to restrict who may connect)")
+        services = GatewayServices(ingest, self.metrics, self._worklist(), access)
         self.acceptor = Acceptor(AcceptorConfig(
             settings.ae_title, settings.max_associations, settings.max_pdu,
             settings.artim_timeout, settings.network_timeout,
@@ -120,12 +126,21 @@ class Gateway:
             task_status.started(Bound(dicom_port, http_port))
             self.notifier.notify(f"READY=1\nSTATUS=listening on {dicom_port}")
             tg.start_soon(self.notifier.watchdog)
+            tg.start_soon(self._housekeeping)
             await self._stop.wait()
             self.notifier.notify("STOPPING=1")
             log.info("stopping: draining associations for up to %g s", settings.shutdown_timeout)
             self.listening = False
             await self.acceptor.drain(settings.shutdown_timeout)
             tg.cancel_scope.cancel()
+
+    async def _housekeeping(self) -> None:
+        """Apply retention, prune finished journal rows, re-count spool bytes (every minute)."""
+        while True:
+            await anyio.sleep(HOUSEKEEPING_INTERVAL)
+            removed = await self.spool.sweep_retention()
+            if removed:
+                log.info("retention: removed %d delivered objects", removed)
 
     async def reload_rules(self) -> None:
         """Validate and swap the rules now (SIGHUP)."""
