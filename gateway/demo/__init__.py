@@ -1,0 +1,1 @@
+"""The demo: simulated PACS and RIS peers (pynetdicom), reusable as test peers."""
