@@ -22,7 +22,7 @@ from gateway.dicom.acceptor import Acceptor, AcceptorConfig
 from gateway.errors import RulesError
 from gateway.forwarder import AttemptObserver, Forwarder
 from gateway.http import HttpServer, Readiness
-from gateway.metrics import DestinationState, GatewayState, Metrics, MwlOutcome
+from gateway.metrics import DestinationState, GatewayState, Metrics
 from gateway.mwl import WorklistProxy
 from gateway.routing import RuleSet
 from gateway.rules import load_rules
@@ -151,11 +151,8 @@ class Gateway:
         if self.settings.worklist is None:
             return None
         return WorklistProxy(self.settings.worklist, calling_ae=self.settings.ae_title,
-                             observer=self._mwl_observed)
-
-    def _mwl_observed(self, calling_ae: str, outcome: MwlOutcome, seconds: float | None,
-                      results: int) -> None:
-        self.metrics.mwl_query(calling_ae, outcome, seconds, results)
+                             upstreams_by_calling_ae=self.settings.worklist_by_calling_ae,
+                             observer=self.metrics.mwl_query)
 
     def _notify(self, stored: StoredInstance, destinations: tuple[str, ...] | Any) -> None:
         for name in destinations:

@@ -125,6 +125,9 @@ class Settings(_Frozen):
     modalities: list[Modality] = Field(default_factory=list)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     worklist: Worklist | None = None
+    worklist_by_calling_ae: dict[AETitle, Worklist] = Field(
+        default_factory=dict, description="calling AE title -> its own upstream MWL SCP"
+    )
 
     @property
     def known_calling_aes(self) -> tuple[str, ...]:
