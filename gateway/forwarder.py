@@ -37,12 +37,12 @@ from pydicom.filewriter import write_dataset
 
 from gateway.dicom.negotiation import EXPLICIT_BE, IMPLICIT_LE, UNCOMPRESSED
 from gateway.dicom.requestor import NegotiatedContext, RequestorAssociation, RequestorConfig
-from gateway.errors import GatewayError
-from gateway.explain import explain_failure, explain_status
+from gateway.errors import GatewayError, SpoolFull
+from gateway.explain import explain_failure, explain_status, uid_name
 from gateway.journal import Delivery
 from gateway.metrics import Metrics
-from gateway.retry import Outcome, backoff, classify_failure, classify_status, next_step
-from gateway.scu import Failure, build_proposals, echo_peer, explain_peer, failure_of
+from gateway.retry import Outcome, backoff, classify_status, next_step
+from gateway.scu import Failure, build_proposals, echo_peer, explain_peer, failure_of, outcome_of
 from gateway.settings import Destination
 from gateway.spool import Spool
 
@@ -54,6 +54,10 @@ PROBE_INTERVAL = 30.0
 
 class NoContext(GatewayError):
     """The destination accepted no presentation context this object can be sent in."""
+
+
+class NotConvertible(GatewayError):
+    """The object had to be re-encoded for the destination and could not be decoded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,15 @@ class Forwarder:
     # ------------------------------------------------------------------------------- feeding
 
     async def _feed(self) -> None:
+        while True:
+            try:
+                await self._fill()
+            except SpoolFull as exc:
+                log.error("%s: cannot read the queue from the journal, trying again in %g s: %s",
+                          self.name, RESCAN, exc)
+                await anyio.sleep(RESCAN)
+
+    async def _fill(self) -> None:
         after = 0
         capacity = self.destination.queue_capacity
         while True:
@@ -165,10 +178,22 @@ class Forwarder:
                     continue
                 try:
                     await self._deliver(session, item)
+                except SpoolFull as exc:
+                    self._not_recorded(item, exc)
                 finally:
                     self.inflight.discard(item.instance_id)
         finally:
             session.abort()
+
+    def _not_recorded(self, item: Delivery, exc: SpoolFull) -> None:
+        """The attempt was made but the journal did not record it: the delivery stays due and is
+        sent again (at least once). Pause the destination so a failing journal does not spin."""
+        self._failures += 1
+        pause = backoff(self._failures, self.destination.retry, self.uniform())
+        self._paused_until = self.clock() + pause
+        log.error("%s: cannot record the attempt for instance %s, sending it again in %.1f s: %s",
+                  self.name, item.sop_instance_uid, pause, exc)
+        self.wake()
 
     async def _deliver(self, session: Session, item: Delivery) -> None:
         pause = self._paused_until - self.clock()
@@ -229,13 +254,14 @@ class Session:
 
     async def send(self, item: Delivery) -> Attempt:
         f = self.forwarder
+        reused = self.association is not None and self._key(item) in self.covered
         try:
             association = await self._association_for(item)
         except (GatewayError, OSError) as exc:
             self.abort()
             failure = failure_of(exc)
-            return Attempt(classify_failure(failure.kind, rj_result=failure.rj and failure.rj[0]),
-                           None, self._explain(failure), destination_failure=True)
+            return Attempt(outcome_of(failure), None, self._explain(failure),
+                           destination_failure=True)
         try:
             context, payload = await self._context_and_payload(association, item)
             if payload is None:
@@ -246,11 +272,16 @@ class Session:
                 response = await association.store_bytes(context, item.sop_class_uid,
                                                          item.sop_instance_uid, payload)
         except NoContext as exc:
+            if reused:  # negotiated before the PACS may have been fixed (queue retry): ask again
+                await self.release()
+                return await self.send(item)
+            return Attempt("permanent", None, str(exc))
+        except NotConvertible as exc:
             return Attempt("permanent", None, str(exc))
         except (GatewayError, OSError) as exc:
             self.abort()
             failure = failure_of(exc)
-            return Attempt(classify_failure(failure.kind), None, self._explain(failure))
+            return Attempt(outcome_of(failure), None, self._explain(failure))
         status = response.status if response.status is not None else 0xC000
         outcome = classify_status(status, f.destination.retry.status_overrides)
         detail = explain_status(status, f.destination.retry.status_overrides)
@@ -262,8 +293,12 @@ class Session:
         f = self.forwarder
         return explain_peer(f.name, f.destination, f.calling_ae, failure)
 
+    @staticmethod
+    def _key(item: Delivery) -> tuple[str, str]:
+        return (item.sop_class_uid, item.transfer_syntax)
+
     async def _association_for(self, item: Delivery) -> RequestorAssociation:
-        key = (item.sop_class_uid, item.transfer_syntax)
+        key = self._key(item)
         if self.association is not None and key in self.covered:
             return self.association
         await self.release()
@@ -284,14 +319,27 @@ class Session:
         if item.transfer_syntax in UNCOMPRESSED:
             context = association.context_for(item.sop_class_uid, UNCOMPRESSED)
             if context is not None:
-                payload = await anyio.to_thread.run_sync(
-                    convert_uncompressed, item, context.transfer_syntax)
+                payload = await self._convert(item, context.transfer_syntax)
                 return context, payload
         f = self.forwarder
         raise NoContext(explain_failure(
             "no_presentation_context", peer_name=f.name, host=f.destination.host,
             port=f.destination.port, called_ae=f.destination.ae_title, calling_ae=f.calling_ae,
             sop_class_uid=item.sop_class_uid, transfer_syntax_uid=item.transfer_syntax))
+
+    async def _convert(self, item: Delivery, syntax: str) -> bytes:
+        try:
+            return await anyio.to_thread.run_sync(convert_uncompressed, item, syntax)
+        except OSError:
+            raise
+        except Exception as exc:  # pydicom raises many types on malformed data; translated here
+            # only the exception type: pydicom's messages may quote element values (patient data)
+            f = self.forwarder
+            raise NotConvertible(
+                f"{f.name}: the peer accepts SOP class {uid_name(item.sop_class_uid)} only in "
+                f"{uid_name(syntax)}, and this object in {uid_name(item.transfer_syntax)} cannot be "
+                f"decoded to convert it ({type(exc).__name__}): the object is malformed; fix it at "
+                "the modality, or configure the PACS to accept its transfer syntax") from None
 
     async def release(self) -> None:
         association, self.association = self.association, None

@@ -1,0 +1,120 @@
+"""kill -9 while forwarding: after a restart every acknowledged image reaches every routed PACS.
+
+The gateway runs as ``dicom-gateway serve`` (a subprocess, ready on sd_notify READY=1). 500 small
+images are acknowledged while both PACS are down, the PACS come up, and the gateway is killed with
+SIGKILL at a seeded random point after some deliveries. After the restart the PACS must hold every
+SOP Instance UID that was sent (duplicates are allowed: delivery is at least once).
+
+Progress of the foreign processes (storescp writing files) is observed with ``peers.wait_until``,
+a bounded poll with backoff; nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from gateway_harness import GatewayProcess, write_config
+from peers import HOST, Peers, StoreSCP, free_port, make_us_image, run_storescu, wait_until
+
+from gateway import cli
+
+SEED = 20240305
+IMAGES = 500
+GATEWAY_AE = "DICOMGW"
+DELIVERY_TIMEOUT = 120.0
+
+
+def received_uids(pacs: StoreSCP) -> set[str]:
+    """storescp names each file ``<modality>.<SOP Instance UID>`` (a resend overwrites it)."""
+    return {path.name.split(".", 1)[1] for path in pacs.received_files()}
+
+
+def crash_config(tmp_path: Path, port: int, test_port: int, prod_port: int) -> Path:
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "10-all.yaml").write_text(
+        "rules:\n  - name: everything\n    destinations: [PACS_TEST, PACS_PROD]\n", encoding="utf-8"
+    )
+    retry = {"base_delay": 0.05, "max_delay": 0.5}
+
+    def pacs(ae_title: str, pacs_port: int) -> dict[str, object]:
+        return {
+            "ae_title": ae_title,
+            "host": HOST,
+            "port": pacs_port,
+            "connect_timeout": 5.0,
+            "dimse_timeout": 15.0,
+            "retry": retry,
+        }
+
+    return write_config(
+        tmp_path / "gateway.yaml",
+        {
+            "ae_title": GATEWAY_AE,
+            "host": HOST,
+            "port": port,
+            "http_port": 0,
+            "spool_dir": str(tmp_path / "spool"),
+            "rules_dir": str(rules_dir),
+            "shutdown_timeout": 2.0,
+            "destinations": {
+                "PACS_TEST": pacs("TESTPACS", test_port),
+                "PACS_PROD": pacs("PRODPACS", prod_port),
+            },
+        },
+    )
+
+
+@pytest.mark.peer
+def test_kill_9_during_forwarding_loses_nothing(
+    tmp_path: Path, peers: Peers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(SEED)
+    kill_after = rng.randint(20, 200)
+    images = [tmp_path / "images" / f"us-{i:04d}.dcm" for i in range(IMAGES)]
+    # 64 x 128 RGB: 24 KiB of pixels each
+    sent = {str(make_us_image(p, seed=i, rows=64, cols=128).SOPInstanceUID) for i, p in enumerate(images)}
+    port, test_port, prod_port = free_port(), free_port(), free_port()
+    config = crash_config(tmp_path, port, test_port, prod_port)
+    log = tmp_path / "gateway.log"
+
+    first = GatewayProcess(config, log).start()
+    try:
+        stored = run_storescu(port, images, calling_ae="US_ROOM1", called_ae=GATEWAY_AE, timeout=120)
+        assert stored.returncode == 0, stored.stderr  # every image acknowledged, both PACS down
+        # --fork: the gateway connects as soon as a port opens; readiness must not queue behind it
+        test_pacs = peers.store_scp(ae_title="TESTPACS", port=test_port, fork=True)
+        prod_pacs = peers.store_scp(ae_title="PRODPACS", port=prod_port, fork=True)
+        wait_until(
+            lambda: len(test_pacs.received_files()) >= kill_after,
+            what=f"{kill_after} deliveries to PACS_TEST",
+            timeout=DELIVERY_TIMEOUT,
+        )
+    finally:
+        first.kill()
+    at_kill = (len(received_uids(test_pacs)), len(received_uids(prod_pacs)))
+    assert min(at_kill) < IMAGES, f"forwarding had finished before the kill: {at_kill}"
+
+    second = GatewayProcess(config, log).start()
+    try:
+        wait_until(
+            lambda: all(len(received_uids(pacs)) >= IMAGES for pacs in (test_pacs, prod_pacs)),
+            what="every image at both PACS after the restart",
+            timeout=DELIVERY_TIMEOUT,
+        )
+        exit_code = second.terminate()
+    finally:
+        second.kill()
+    assert exit_code == 0, second.log_tail()
+
+    assert received_uids(test_pacs) == sent
+    assert received_uids(prod_pacs) == sent
+    assert cli.main(["queue", "list", "--json", "--config", str(config)]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    queues = listing["destinations"]
+    assert all(queues.get(name, {"pending": 0})["pending"] == 0 for name in ("PACS_TEST", "PACS_PROD"))
+    assert all(queues.get(name, {"dead": 0})["dead"] == 0 for name in ("PACS_TEST", "PACS_PROD"))
+    assert listing["held"] == 0
