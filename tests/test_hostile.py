@@ -16,6 +16,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,6 @@ from gateway_harness import GatewayProcess, write_config
 from peers import (
     free_port,
     make_us_image,
-    require_tool,
     run_echoscu,
     run_findscu_worklist,
     run_storescu,
@@ -138,31 +138,38 @@ def _replay(port: int, payload: bytes) -> None:
             pass  # the gateway may abort and close first: that is a fine answer
 
 
+@dataclass
+class Running:
+    process: GatewayProcess
+    port: int
+
+    @property
+    def pid(self) -> int:
+        assert self.process.process is not None
+        return self.process.process.pid
+
+
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+def gateway(tmp_path: Path) -> Iterator[Running]:
     rules = tmp_path / "rules"
     rules.mkdir()
+    port = free_port()
     config = write_config(tmp_path / "gateway.yaml", {
-        "host": "127.0.0.1", "port": free_port(), "http_port": free_port(),
+        "host": "127.0.0.1", "port": port, "http_port": free_port(),
         "spool_dir": str(tmp_path / "spool"), "rules_dir": str(rules), "max_associations": 64,
         "artim_timeout": 2.0, "network_timeout": 5.0, "log_format": "json", "log_level": "DEBUG",
         "worklist": {"ae_title": "RIS", "host": "127.0.0.1", "port": free_port(),
                      "connect_timeout": 1.0, "deadline": 3.0},
     })
     process = GatewayProcess(config, tmp_path / "gateway.log").start()
-    process.port = int(__import__("yaml").safe_load(config.read_text())["port"])  # type: ignore[attr-defined]
     try:
-        yield process
+        yield Running(process, port)
     finally:
         process.kill()
 
 
-def _port(process: GatewayProcess) -> int:
-    return int(process.port)  # type: ignore[attr-defined]
-
-
-def test_fuzzed_pdus_from_real_exchanges(gateway: GatewayProcess, tmp_path: Path) -> None:
-    port = _port(gateway)
+def test_fuzzed_pdus_from_real_exchanges(gateway: Running, tmp_path: Path) -> None:
+    port = gateway.port
     image = tmp_path / "us.dcm"
     make_us_image(image, 1, rows=16, cols=16)
     recorder = Recorder(port)
@@ -174,22 +181,21 @@ def test_fuzzed_pdus_from_real_exchanges(gateway: GatewayProcess, tmp_path: Path
         recorder.close()
     captures = [c for c in recorder.captures if c]
     assert len(captures) == 3
-    assert gateway.process is not None
-    pid = gateway.process.pid
+    pid = gateway.pid
     rng = random.Random(20261130)
     for start in range(0, CASES, BATCH):
         with ThreadPoolExecutor(8) as pool:
             payloads = [_mutate(rng.choice(captures), rng) for _ in range(min(BATCH, CASES - start))]
             list(pool.map(lambda p: _replay(port, p), payloads))
-        assert gateway.process.poll() is None, gateway.log_tail()
+        assert gateway.process.process is not None
+        assert gateway.process.process.poll() is None, gateway.process.log_tail()
         assert _rss_kib(pid) < RSS_LIMIT_KIB
         assert run_echoscu(port, called_ae="DICOMGW").returncode == 0, f"after {start + BATCH} cases"
     assert run_storescu(port, [image], called_ae="DICOMGW").returncode == 0
 
 
-def test_sixteen_concurrent_associations_lose_nothing(gateway: GatewayProcess,
-                                                      tmp_path: Path) -> None:
-    port = _port(gateway)
+def test_sixteen_concurrent_associations_lose_nothing(gateway: Running, tmp_path: Path) -> None:
+    port = gateway.port
     folders = []
     for sender in range(16):
         folder = tmp_path / f"sender{sender}"
@@ -197,27 +203,26 @@ def test_sixteen_concurrent_associations_lose_nothing(gateway: GatewayProcess,
         for i in range(10):
             make_us_image(folder / f"{i}.dcm", sender * 100 + i, rows=64, cols=64)
         folders.append(folder)
-    assert gateway.process is not None
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda f: run_storescu(port, sorted(f.glob("*.dcm")),
                                                        called_ae="DICOMGW", timeout=120), folders))
     assert all(r.returncode == 0 for r in results), [r.stderr[-500:] for r in results]
-    assert _rss_kib(gateway.process.pid) < RSS_LIMIT_KIB
-    assert gateway.terminate() == 0
+    assert _rss_kib(gateway.pid) < RSS_LIMIT_KIB
+    assert gateway.process.terminate() == 0
     objects = list((tmp_path / "spool" / "objects").rglob("*.dcm"))
     assert len(objects) == 160  # no destinations: everything is held, nothing lost
 
 
-def test_logs_carry_no_patient_data(gateway: GatewayProcess, tmp_path: Path) -> None:
-    port = _port(gateway)
+def test_logs_carry_no_patient_data(gateway: Running, tmp_path: Path) -> None:
+    port = gateway.port
     image = tmp_path / "us.dcm"
     make_us_image(image, 7, rows=16, cols=16)  # patient TEST^PATIENT / TEST0001
     assert run_storescu(port, [image], called_ae="DICOMGW").returncode == 0
     run_findscu_worklist(port, called_ae="DICOMGW", keys=[f"PatientName={PATIENT_NAME}",
                                                           f"PatientID={PATIENT_ID}"])
     assert run_echoscu(port, called_ae="NOT_US").returncode != 0
-    assert gateway.terminate() == 0
-    log = gateway.log_path.read_text()
+    assert gateway.process.terminate() == 0
+    log = gateway.process.log_path.read_text()
     assert "association" in log  # the log did capture the traffic (DEBUG, JSON lines)
     for secret in (PATIENT_NAME, PATIENT_ID, "TEST^", "PATIENT"):
         assert secret not in log, f"{secret!r} found in the gateway log"
