@@ -17,7 +17,9 @@ class Notifier:
         address = env.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address
         usec = env.get("WATCHDOG_USEC", "")
-        self.watchdog_seconds = int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 else 0.0
+        pid = env.get("WATCHDOG_PID", "")
+        ours = not pid or pid == str(os.getpid())
+        self.watchdog_seconds = int(usec) / 1e6 if ours and usec.isdigit() and int(usec) > 0 else 0.0
 
     def notify(self, message: str) -> None:
         if not self.address:

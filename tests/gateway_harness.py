@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -136,7 +137,8 @@ class GatewayProcess:
 
     def start(self, timeout: float = START_TIMEOUT) -> GatewayProcess:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            address = str(self.config.parent / f"notify-{os.getpid()}-{id(self)}.sock")
+            # a short path: Unix socket names are limited to 108 bytes
+            address = os.path.join(tempfile.mkdtemp(prefix="gw-"), "notify.sock")
             sock.bind(address)
             sock.settimeout(timeout)
             env = {**os.environ, "NOTIFY_SOCKET": address}

@@ -73,6 +73,8 @@ DEBIAN_PACKAGES: Mapping[str, str] = {
     "promtool": "prometheus",
     "prometheus": "prometheus",
     "haproxy": "haproxy",
+    "systemd-analyze": "systemd",
+    "docker-compose": "docker-compose",
 }
 
 
