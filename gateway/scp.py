@@ -129,6 +129,11 @@ class StoreSink:
             log.warning("C-STORE %s from %s is not a readable dataset: %s",
                         self.request.sop_instance_uid, self.info.calling_ae, exc)
             return dimse.STORE_CANNOT_UNDERSTAND, "dataset header cannot be parsed"
+        except OSError as exc:  # reading the temp file back for a header beyond the prefix
+            writer.abort()
+            log.error("C-STORE %s from %s not stored: cannot read the spooled dataset back: %s",
+                      self.request.sop_instance_uid, self.info.calling_ae, exc)
+            return dimse.OUT_OF_RESOURCES, "spool read failed"
         spooled = time.perf_counter()
         try:
             stored = await writer.commit(decision.destinations, decision.matched)

@@ -91,11 +91,16 @@ class Acceptor:
         assert task is not None
         self._connections.add(task)
         self._idle.clear()
+        association = AcceptorAssociation(self, reader, writer)
         try:
-            await AcceptorAssociation(self, reader, writer).run()
+            await association.run()
+        except asyncio.CancelledError:
+            # drain() gave up on this association: tell the peer, and end the task normally, since
+            # asyncio's start_server (3.11) calls task.exception() on it, which raises if cancelled
+            association.channel.abort(pdu.ABORT_SOURCE_PROVIDER, pdu.ABORT_REASON_NOT_SPECIFIED)
         except Exception:  # the one catch-all of the acceptor: an association never kills the server
             log.exception("internal error on an inbound association; it was aborted")
-            writer.close()
+            association.channel.abort(pdu.ABORT_SOURCE_PROVIDER, pdu.ABORT_REASON_NOT_SPECIFIED)
         finally:
             self._connections.discard(task)
             if not self._connections:
@@ -187,10 +192,11 @@ class AcceptorAssociation:
         channel = self.channel
         rejection = self.acceptor.evaluate(rq, self.peer_ip)
         if rejection is not None:
+            # counted before the peer can see the answer: a scrape after the RJ always shows it
+            self.services.association_rejected(rejection, rq.calling_ae, self.peer_ip)
             channel.fire(Event.LOCAL_REJECT)
             channel.send(pdu.encode_associate_rj(
                 pdu.AssociateRJ(rejection.result, rejection.source, rejection.reason)))
-            self.services.association_rejected(rejection, rq.calling_ae, self.peer_ip)
             log.info("rejected association from %s (%s) calling %s: %s", rq.calling_ae,
                      self.peer_ip, rq.called_ae, rejection.label)
             await channel.wait_closed(self.config.artim_timeout)
@@ -304,6 +310,9 @@ class AcceptorAssociation:
                 status, comment = await sink.finish()
             except GatewayError as exc:
                 status, comment = dimse.OUT_OF_RESOURCES, str(exc)
+            except BaseException:
+                sink.abort()  # never leave its partial file behind (a no-op once committing)
+                raise
             await self._send(context, dimse.store_rsp(command, status, comment))
         elif self._identifier is not None:
             identifier, self._identifier = bytes(self._identifier), None

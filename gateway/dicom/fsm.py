@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-The association code (``association.py``) owns the socket. Every time something happens (a PDU
-arrives, the local side wants to send one, the ARTIM timer fires, the connection drops) it calls
+The connection code (``channel.py``, driven by ``acceptor.py`` and ``requestor.py``) owns the
+socket. Every time something happens (a PDU arrives, the local side wants to send one, the ARTIM
+timer fires, the connection drops) it calls
 ``StateMachine.fire(event)``, which looks the (state, event) pair up in ``TRANSITIONS`` and returns the
 action the caller must perform. Pairs not in the table are protocol errors: the caller aborts (AA-8,
 "unexpected PDU"). The machine itself does no I/O, so it is tested exhaustively as data.

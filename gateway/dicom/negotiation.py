@@ -57,9 +57,15 @@ def _known_non_storage() -> frozenset[str]:
         if not (name.startswith("_") and name.endswith("_CLASSES") and isinstance(table, dict)):
             continue
         for uid in table.values():
-            if isinstance(uid, str) and uid not in storage and "Storage" not in UID(uid).name:
+            if isinstance(uid, str) and uid not in storage and not _is_storage_name(UID(uid).name):
                 found.add(uid)
     return frozenset(found - {VERIFICATION, MODALITY_WORKLIST_FIND})
+
+
+def _is_storage_name(name: str) -> bool:
+    """Non-patient storage classes (Hanging Protocol Storage, Color Palette Storage...) sit in
+    pynetdicom's other tables; their names end in "Storage". Storage Commitment does not."""
+    return name.endswith("Storage")
 
 
 def service_for(abstract_syntax: str, *, worklist_enabled: bool) -> str | None:
