@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
+import anyio
+
 from gateway.dicom import dimse
 from gateway.dicom.events import (
     AssociationInfo,
@@ -70,17 +72,18 @@ class Ingest:
             writer, refusal = None, str(exc)
         return StoreSink(self, info, request, writer, refusal)
 
-    def decide(self, writer: SpoolWriter, request: StoreRequest, info: AssociationInfo,
-               size: int) -> Decision:
+    async def decide(self, writer: SpoolWriter, request: StoreRequest, info: AssociationInfo,
+                     size: int) -> Decision:
         ruleset = self.rules.current
         keywords = ruleset.keywords | ALWAYS_READ
         prefix = writer.prefix
         try:
             dataset = read_header(prefix, request.transfer_syntax, keywords,
                                   complete=size <= len(prefix))
-        except PrefixTooShort:
-            dataset = read_header_file(writer.tmp_path, writer.dataset_offset,
-                                       request.transfer_syntax, keywords)
+        except PrefixTooShort:  # a long header: parse it from the file, off the event loop
+            dataset = await anyio.to_thread.run_sync(
+                read_header_file, writer.tmp_path, writer.dataset_offset,
+                request.transfer_syntax, keywords)
         if "SOPClassUID" not in dataset:
             raise HeaderUnreadable("the dataset has no SOP Class UID")
         header = header_from_dataset(dataset, ruleset.keywords, calling_ae=info.calling_ae,
@@ -123,7 +126,7 @@ class StoreSink:
             writer.abort()
             return dimse.OUT_OF_RESOURCES, "spool write failed"
         try:
-            decision = self.ingest.decide(writer, self.request, self.info, self.size)
+            decision = await self.ingest.decide(writer, self.request, self.info, self.size)
         except HeaderUnreadable as exc:
             writer.abort()
             log.warning("C-STORE %s from %s is not a readable dataset: %s",

@@ -140,21 +140,33 @@ class GatewayProcess:
             # a short path: Unix socket names are limited to 108 bytes
             address = os.path.join(tempfile.mkdtemp(prefix="gw-"), "notify.sock")
             sock.bind(address)
-            sock.settimeout(timeout)
+            sock.settimeout(1.0)
             env = {**os.environ, "NOTIFY_SOCKET": address}
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config)],
                     stdout=log, stderr=subprocess.STDOUT, env=env)
             try:
-                while b"READY=1" not in sock.recv(4096):
-                    pass
+                self._await_ready(sock, timeout)
             except TimeoutError:
                 self.kill()
                 raise TimeoutError(f"gateway not ready in {timeout} s:\n{self.log_tail()}") from None
             finally:
                 os.unlink(address)
         return self
+
+    def _await_ready(self, sock: socket.socket, timeout: float) -> None:
+        """Wait for READY=1; give up at once if the process exits (e.g. a configuration error)."""
+        assert self.process is not None
+        for _ in range(int(timeout)):
+            try:
+                if b"READY=1" in sock.recv(4096):
+                    return
+            except TimeoutError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the gateway exited with {self.process.returncode}:\n"
+                                       f"{self.log_tail()}") from None
+        raise TimeoutError
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

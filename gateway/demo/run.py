@@ -24,8 +24,12 @@ def demo_settings(data_dir: Path, port: int, http_port: int) -> Settings:
         return Destination(ae_title=ae, host="127.0.0.1", port=port + offset)
 
     return Settings(
-        ae_title="DICOMGW", host="127.0.0.1", port=port, http_port=http_port,
-        spool_dir=data_dir / "spool", rules_dir=DEMO_RULES,
+        ae_title="DICOMGW",
+        host="127.0.0.1",
+        port=port,
+        http_port=http_port,
+        spool_dir=data_dir / "spool",
+        rules_dir=DEMO_RULES,
         destinations={"PACS_TEST": peer("PACS_TEST", 1), "PACS_PROD": peer("PACS_PROD", 2)},
         worklist=Worklist(ae_title="RIS", host="127.0.0.1", port=port + 3),
         modalities=[Modality(ae_title=MODALITY), Modality(ae_title="CT_DEMO")],
@@ -39,16 +43,17 @@ async def run_demo(data_dir: Path, port: int, http_port: int) -> None:
     with contextlib.ExitStack() as stack:
         for name in ("PACS_TEST", "PACS_PROD"):
             destination = settings.destinations[name]
-            stack.enter_context(StorageSimulator(name, destination.port,
-                                                 data_dir / name.lower().replace("_", "-")))
+            stack.enter_context(
+                StorageSimulator(name, destination.port, data_dir / name.lower().replace("_", "-"))
+            )
         assert settings.worklist is not None
-        stack.enter_context(WorklistSimulator("RIS", settings.worklist.port,
-                                              demo_worklist(date.today(), MODALITY)))
+        stack.enter_context(
+            WorklistSimulator("RIS", settings.worklist.port, demo_worklist(date.today(), MODALITY))
+        )
         gateway = Gateway(settings)
         async with anyio.create_task_group() as tg:
             bound = await tg.start(gateway.run)
-            print(instructions(settings, bound.dicom_port, bound.http_port, data_dir, samples),
-                  flush=True)
+            print(instructions(settings, bound.dicom_port, bound.http_port, data_dir, samples), flush=True)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     gateway.stop()
@@ -56,8 +61,7 @@ async def run_demo(data_dir: Path, port: int, http_port: int) -> None:
             tg.cancel_scope.deadline = anyio.current_time() + settings.shutdown_timeout + 5
 
 
-def instructions(settings: Settings, port: int, http_port: int, data_dir: Path,
-                 samples: list[Path]) -> str:
+def instructions(settings: Settings, port: int, http_port: int, data_dir: Path, samples: list[Path]) -> str:
     test, prod = settings.destinations["PACS_TEST"], settings.destinations["PACS_PROD"]
     assert settings.worklist is not None
     sample = samples[0]
@@ -65,8 +69,8 @@ def instructions(settings: Settings, port: int, http_port: int, data_dir: Path,
 dicom-gateway demo is running. Press Ctrl-C to stop.
 
   gateway     DICOMGW    127.0.0.1:{port}   metrics http://127.0.0.1:{http_port}/metrics
-  Test PACS   PACS_TEST  127.0.0.1:{test.port}   stores into {data_dir / 'pacs-test'}
-  Prod PACS   PACS_PROD  127.0.0.1:{prod.port}   stores into {data_dir / 'pacs-prod'}
+  Test PACS   PACS_TEST  127.0.0.1:{test.port}   stores into {data_dir / "pacs-test"}
+  Prod PACS   PACS_PROD  127.0.0.1:{prod.port}   stores into {data_dir / "pacs-prod"}
   RIS (MWL)   RIS        127.0.0.1:{settings.worklist.port}
   rules       {settings.rules_dir}: {MODALITY} -> PACS_TEST only, everything else -> PACS_PROD
 

@@ -11,8 +11,13 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 US_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.6.1")
 
 
-def ultrasound_image(rows: int = 120, columns: int = 160, *, seed: int = 0,
-                     patient: tuple[str, str] = ("DEMO^ALICE", "DEMO0001")) -> Dataset:
+def ultrasound_image(
+    rows: int = 120,
+    columns: int = 160,
+    *,
+    seed: int = 0,
+    patient: tuple[str, str] = ("DEMO^ALICE", "DEMO0001"),
+) -> Dataset:
     """A small valid RGB ultrasound image in Explicit VR Little Endian."""
     now = datetime.datetime.now()
     ds = Dataset()
@@ -33,8 +38,9 @@ def ultrasound_image(rows: int = 120, columns: int = 160, *, seed: int = 0,
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = bytes((x * 7 + y * 3 + seed) & 0xFF for y in range(rows)
-                         for x in range(columns) for _ in range(3))
+    ds.PixelData = bytes(
+        (x * 7 + y * 3 + seed) & 0xFF for y in range(rows) for x in range(columns) for _ in range(3)
+    )
     return ds
 
 
