@@ -139,6 +139,11 @@ _SIMPLE: Mapping[str, str] = MappingProxyType(
             "no answer from {p.address}: a firewall drops the connection or the IP is wrong "
             "({p.config_key}.host)"
         ),
+        "tls_error": (
+            "the TLS handshake with {p.address} failed: check that the PACS speaks TLS on this port, "
+            "that its certificate is signed by {p.config_key}.tls.ca_bundle and names the host, and "
+            "that it trusts our client certificate"
+        ),
         "connection_reset": (
             "the connection to {p.address} was reset: the PACS or a firewall closed it; check the "
             "PACS log and any firewall idle timeout"

@@ -45,6 +45,7 @@ from gateway.retry import Outcome, backoff, classify_status, next_step
 from gateway.scu import Failure, build_proposals, echo_peer, explain_peer, failure_of, outcome_of
 from gateway.settings import Destination
 from gateway.spool import Spool
+from gateway.tls import peer_ssl
 
 log = logging.getLogger("gateway.forwarder")
 
@@ -84,7 +85,7 @@ class Forwarder:
         self.metrics = metrics
         self.calling_ae = calling_ae
         self.config = RequestorConfig(calling_ae, max_pdu, destination.connect_timeout,
-                                      destination.dimse_timeout)
+                                      destination.dimse_timeout, ssl=peer_ssl(destination))
         self.clock = clock
         self.uniform = uniform
         self.observer = observer

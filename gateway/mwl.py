@@ -60,6 +60,7 @@ from gateway.errors import (
     ProtocolError,
 )
 from gateway.settings import Worklist
+from gateway.tls import peer_ssl
 
 log = logging.getLogger("gateway.mwl")
 
@@ -331,7 +332,7 @@ class WorklistProxy:
 
     def _config(self, upstream: Worklist) -> RequestorConfig:
         return RequestorConfig(self.calling_ae, connect_timeout=upstream.connect_timeout,
-                               dimse_timeout=upstream.dimse_timeout)
+                               dimse_timeout=upstream.dimse_timeout, ssl=peer_ssl(upstream))
 
     async def find(self, info: AssociationInfo, request: FindRequest) -> AsyncIterator[FindResponse]:
         upstream = self.upstream_for(info.calling_ae)
@@ -472,7 +473,7 @@ async def _check(upstream: Worklist, calling_ae: str) -> str:
     proposals = (ContextProposal(1, VERIFICATION, (IMPLICIT_LE,)),
                  ContextProposal(3, MODALITY_WORKLIST_FIND, _FALLBACK_SYNTAXES))
     config = RequestorConfig(calling_ae, connect_timeout=upstream.connect_timeout,
-                             dimse_timeout=upstream.dimse_timeout)
+                             dimse_timeout=upstream.dimse_timeout, ssl=peer_ssl(upstream))
     assoc = await RequestorAssociation.open(upstream.host, upstream.port, upstream.ae_title,
                                             proposals, config)
     try:

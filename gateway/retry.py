@@ -36,6 +36,7 @@ FailureKind = Literal[
     "connection_refused",
     "connection_reset",
     "connect_timeout",
+    "tls_error",
     "dimse_timeout",
     "aborted",
     "association_rejected",
@@ -210,6 +211,7 @@ FAILURE_OUTCOMES: Mapping[FailureKind, Outcome] = MappingProxyType(
         "connection_refused": "transient",
         "connection_reset": "transient",
         "connect_timeout": "transient",
+        "tls_error": "transient",  # often a certificate being renewed: retry, visibly
         "dimse_timeout": "transient",
         "aborted": "transient",
         "association_rejected": "transient",  # refined by the A-ASSOCIATE-RJ result

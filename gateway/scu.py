@@ -24,6 +24,7 @@ from gateway.errors import (
 from gateway.explain import explain_failure
 from gateway.retry import FailureKind, Outcome, classify_failure
 from gateway.settings import Peer
+from gateway.tls import peer_ssl
 
 MAX_CONTEXTS = 128
 NO_REASON_GIVEN = frozenset({(1, 1), (2, 1)})
@@ -105,7 +106,7 @@ async def echo_peer(name: str, peer: Peer, calling_ae: str, *,
     """C-ECHO ``peer``; the message explains a failure in words a PACS administrator acts on."""
     started = time.perf_counter()
     config = RequestorConfig(calling_ae, connect_timeout=peer.connect_timeout,
-                             dimse_timeout=peer.dimse_timeout)
+                             dimse_timeout=peer.dimse_timeout, ssl=peer_ssl(peer))
     proposal = ContextProposal(1, VERIFICATION, ("1.2.840.10008.1.2",))
     try:
         association = await RequestorAssociation.open(peer.host, peer.port, peer.ae_title,

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
 
 from gateway.access import AccessPolicy
@@ -31,6 +32,7 @@ from gateway.scp import GatewayServices, Ingest, WorklistService
 from gateway.sdnotify import Notifier
 from gateway.settings import Settings
 from gateway.spool import Spool, StoredInstance
+from gateway.tls import server_context
 
 log = logging.getLogger("gateway")
 HOUSEKEEPING_INTERVAL = 60.0
@@ -38,10 +40,12 @@ HOUSEKEEPING_INTERVAL = 60.0
 
 @dataclass(frozen=True, slots=True)
 class Bound:
-    """Where the running gateway listens (ports resolved when 0 was configured)."""
+    """Where the running gateway listens (ports resolved when 0 was configured; a listener that
+    is not configured has port None)."""
 
-    dicom_port: int
+    dicom_port: int | None
     http_port: int
+    tls_port: int | None = None
 
 
 class RulesHolder:
@@ -121,10 +125,10 @@ class Gateway:
                 tg.start_soon(forwarder.run)
             await tg.start(watcher.run)
             http_port = await tg.start(http.serve)
-            dicom_port = await tg.start(self.acceptor.serve, settings.host, settings.port)
+            dicom_port, tls_port = await self._listen(tg, self.acceptor)
             self.listening = True
-            task_status.started(Bound(dicom_port, http_port))
-            self.notifier.notify(f"READY=1\nSTATUS=listening on {dicom_port}")
+            task_status.started(Bound(dicom_port, http_port, tls_port))
+            self.notifier.notify(f"READY=1\nSTATUS=listening on {dicom_port or tls_port}")
             tg.start_soon(self.notifier.watchdog)
             tg.start_soon(self._housekeeping)
             await self._stop.wait()
@@ -133,6 +137,18 @@ class Gateway:
             self.listening = False
             await self.acceptor.drain(settings.shutdown_timeout)
             tg.cancel_scope.cancel()
+
+    async def _listen(self, tg: TaskGroup, acceptor: Acceptor) -> tuple[int | None, int | None]:
+        settings = self.settings
+        tls = settings.tls
+        context = server_context(tls) if tls is not None else None  # ConfigError on bad files
+        plain = None
+        if tls is None or tls.plain:
+            plain = await tg.start(partial(acceptor.serve, settings.host, settings.port))
+        secure = None
+        if tls is not None:
+            secure = await tg.start(partial(acceptor.serve, settings.host, tls.port, ssl=context))
+        return plain, secure
 
     async def _housekeeping(self) -> None:
         """Apply retention, prune finished journal rows, re-count spool bytes (every minute)."""

@@ -55,6 +55,39 @@ class RetryPolicy(_Frozen):
     )
 
 
+class PeerTLS(_Frozen):
+    """DICOM TLS when we call a peer (TLS 1.2 minimum, 1.3 preferred, BCP 195 ciphers)."""
+
+    ca_bundle: Path | None = Field(None, description="trusted CAs (PEM); default: the system store")
+    certificate: Path | None = Field(None, description="our client certificate (PEM), for mutual TLS")
+    private_key: Path | None = Field(None, description="the key of `certificate` (PEM)")
+    check_hostname: bool = Field(True, description="the peer certificate must name `host`")
+
+    @model_validator(mode="after")
+    def _pair(self) -> PeerTLS:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("give both certificate and private_key, or neither")
+        return self
+
+
+class ServerTLS(_Frozen):
+    """The gateway's TLS listener, beside (or instead of) the plain one."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(2762, description="TLS port (DICOM: 2762)")
+    certificate: Path = Field(description="our server certificate chain (PEM)")
+    private_key: Path = Field(description="its private key (PEM)")
+    ca_bundle: Path | None = Field(None, description="CAs that sign client certificates (PEM)")
+    require_client_certificate: bool = Field(False, description="mutual TLS: refuse clients without a "
+                                             "certificate signed by ca_bundle")
+    plain: bool = Field(True, description="also listen without TLS on `port`")
+
+    @model_validator(mode="after")
+    def _mutual(self) -> ServerTLS:
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("require_client_certificate needs a ca_bundle to verify clients with")
+        return self
+
+
 class Peer(_Frozen):
     """A remote AE we call: a PACS destination or the RIS worklist."""
 
@@ -63,6 +96,7 @@ class Peer(_Frozen):
     port: Port
     connect_timeout: float = Field(10.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
+    tls: PeerTLS | None = None
 
 
 class Destination(Peer):
@@ -111,6 +145,7 @@ class Settings(_Frozen):
     rules_dir: Path = Path("rules")
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    tls: ServerTLS | None = None
     max_associations: int = Field(32, ge=1)
     max_pdu: int = Field(262144, ge=4096, le=16 * 1024 * 1024, description="largest PDU we accept")
     artim_timeout: float = Field(30.0, gt=0)
@@ -169,11 +204,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    base = path.parent
-    for key in ("spool_dir", "rules_dir"):
-        if isinstance(loaded.get(key), str) and not Path(loaded[key]).is_absolute():
-            loaded[key] = str(base / loaded[key])
+    _resolve_paths(loaded, path.parent)
     return loaded
+
+
+_PATH_KEYS = frozenset({"spool_dir", "rules_dir", "certificate", "private_key", "ca_bundle"})
+
+
+def _resolve_paths(node: Any, base: Path) -> None:
+    """Relative paths in the file are relative to the file's folder."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _PATH_KEYS and isinstance(value, str) and not Path(value).is_absolute():
+                node[key] = str(base / value)
+            else:
+                _resolve_paths(value, base)
 
 
 def _overlay_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -207,6 +252,8 @@ _ALL_FIELDS = (
     | set(Worklist.model_fields)
     | set(RetryPolicy.model_fields)
     | set(Modality.model_fields)
+    | set(PeerTLS.model_fields)
+    | set(ServerTLS.model_fields)
 )
 
 

@@ -54,8 +54,13 @@ class GatewayThread:
 
     @property
     def port(self) -> int:
-        assert self.bound is not None
+        assert self.bound is not None and self.bound.dicom_port is not None
         return self.bound.dicom_port
+
+    @property
+    def tls_port(self) -> int:
+        assert self.bound is not None and self.bound.tls_port is not None
+        return self.bound.tls_port
 
     @property
     def http_port(self) -> int:

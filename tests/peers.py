@@ -343,7 +343,8 @@ class StoreSCP(_Peer):
         )
         self.process.start()
         # a refusing storescp answers no C-ECHO: then an open port is all that can be seen
-        ready = _dicom_ready(self.port, self.ae_title, echo=not self.refuse)
+        tls = "+tls" in self.extra_args  # a TLS storescp answers no plain C-ECHO either
+        ready = _dicom_ready(self.port, self.ae_title, echo=not (self.refuse or tls))
         wait_until(ready, what=self.process.name, process=self.process)
         return self
 
@@ -406,7 +407,8 @@ class WorklistSCP(_Peer):
             log_dir / f"wlmscpfs-{self.port}.log",
         )
         self.process.start()
-        ready = _dicom_ready(self.port, self.ae_title, echo=not self.refuse)
+        tls = "+tls" in self.extra_args  # a TLS storescp answers no plain C-ECHO either
+        ready = _dicom_ready(self.port, self.ae_title, echo=not (self.refuse or tls))
         wait_until(ready, what=self.process.name, process=self.process)
         return self
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from ssl import SSLContext
 
 import anyio
 from anyio.abc import TaskStatus
@@ -56,27 +57,31 @@ class Acceptor:
         self.services = services
         self.active = 0
         self._connections: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def serve(self, host: str, port: int, *,
+    async def serve(self, host: str, port: int, *, ssl: SSLContext | None = None,
                     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled; reports the bound port through ``task_status``."""
-        self._server = await asyncio.start_server(self._on_connection, host, port,
-                                                  reuse_address=True, backlog=128)
-        bound = self._server.sockets[0].getsockname()[1]
-        log.info("listening for DICOM on %s:%d as %s", host, bound, self.config.ae_title)
+        """Listen until cancelled (with DICOM TLS when ``ssl`` is given); reports the bound port
+        through ``task_status``. Several listeners share one association limit."""
+        server = await asyncio.start_server(
+            self._on_connection, host, port, reuse_address=True, backlog=128, ssl=ssl,
+            ssl_handshake_timeout=self.config.artim_timeout if ssl is not None else None)
+        self._servers.append(server)
+        bound = server.sockets[0].getsockname()[1]
+        log.info("listening for DICOM%s on %s:%d as %s", " TLS" if ssl else "", host, bound,
+                 self.config.ae_title)
         task_status.started(bound)
         try:
-            await self._server.serve_forever()
+            await server.serve_forever()
         finally:
-            self._server.close()
+            server.close()
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let associations in flight finish for ``timeout`` s, then abort them."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._idle.wait()

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import errno
 import os
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class RequestorConfig:
     dimse_timeout: float = 60.0
     implementation_class_uid: str = "1.2.826.0.1.3680043.8.498.1.0.1"
     implementation_version: str = "DICOMGW_010"
+    ssl: ssl.SSLContext | None = None  # DICOM TLS when set
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,7 @@ class RequestorAssociation:
     async def open(cls, host: str, port: int, called_ae: str,
                    proposals: Sequence[pdu.ContextProposal],
                    config: RequestorConfig) -> RequestorAssociation:
-        reader, writer = await _connect(host, port, config.connect_timeout)
+        reader, writer = await _connect(host, port, config.connect_timeout, config.ssl)
         channel = Channel(reader, writer, max_pdu=config.max_pdu, state=State.STA4)
         try:
             return await cls._negotiate(channel, called_ae, proposals, config)
@@ -238,11 +240,16 @@ class RequestorAssociation:
         self.channel.abort()
 
 
-async def _connect(host: str, port: int,
-                   timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(host: str, port: int, timeout: float,
+                   context: ssl.SSLContext | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    hostname = host if context is not None and context.check_hostname else None
     try:
         async with asyncio.timeout(timeout):
-            return await asyncio.open_connection(host, port)
+            return await asyncio.open_connection(host, port, ssl=context,
+                                                 server_hostname=hostname)
+    except ssl.SSLError as exc:
+        raise PeerUnreachable(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}",
+                              "tls_error") from None
     except TimeoutError:
         raise PeerUnreachable(f"no answer from {host}:{port} within {timeout:g} s",
                               "connect_timeout") from None
