@@ -192,8 +192,17 @@ class GatewayServices:
             self.metrics.association_aborted("in", info.calling_ae)
         self.metrics.association_closed("in")
 
-    def association_rejected(self, rejection: Rejection, calling_ae: str, peer_ip: str) -> None:
+    def association_rejected(self, rejection: Rejection, calling_ae: str, peer_ip: str,
+                             called_ae: str) -> None:
         self.metrics.association_rejected(rejection.label, calling_ae=calling_ae)  # type: ignore[arg-type]
+        advice = _REJECTION_ADVICE.get(rejection.label, "").format(calling=calling_ae, ip=peer_ip,
+                                                                    called=called_ae)
+        log.warning("security: rejected association from %s at %s calling %s (%s, RJ %d,%d,%d): %s",
+                    calling_ae, peer_ip, called_ae, rejection.label, rejection.result,
+                    rejection.source, rejection.reason, advice,
+                    extra={"event": "association_rejected", "calling_ae": calling_ae,
+                           "source_ip": peer_ip, "called_ae": called_ae,
+                           "reason": rejection.label})
 
     def echo(self, info: AssociationInfo) -> int:
         self.metrics.observe_request("echo", info.calling_ae, dimse.SUCCESS, 0.0)
@@ -206,6 +215,19 @@ class GatewayServices:
         if self.worklist is None:
             return _no_worklist()
         return self.worklist.find(info, request)
+
+
+_REJECTION_ADVICE = {
+    "called_ae": "the modality calls {called!r}, which is not this gateway's AE title: configure the "
+                 "modality to call the gateway's ae_title",
+    "calling_ae": "{calling!r} is not a known modality: add it under 'modalities' if it should send",
+    "source_ip": "{calling!r} is known but may not call from {ip}: check its 'addresses' in "
+                 "'modalities' or the modality's network settings",
+    "limit": "max_associations reached: the modality may retry; raise max_associations if this "
+             "is normal load",
+    "context": "the peer did not propose the DICOM application context: it is not a DICOM client",
+    "protocol": "the peer speaks an unsupported upper-layer protocol version",
+}
 
 
 async def _no_worklist() -> AsyncIterator[FindResponse]:

@@ -113,7 +113,9 @@ class Gateway:
         self.acceptor = Acceptor(AcceptorConfig(
             settings.ae_title, settings.max_associations, settings.max_pdu,
             settings.artim_timeout, settings.network_timeout,
-            worklist_enabled=settings.worklist is not None), services)
+            worklist_enabled=settings.worklist is not None,
+            max_association_seconds=settings.max_association_seconds,
+            max_association_bytes=settings.max_association_bytes), services)
         watcher = self.watcher = RulesWatcher(
             settings.rules_dir, tuple(settings.destinations), self._rules_reloaded,
             self._rules_failed, initial=ruleset)

@@ -151,6 +151,10 @@ class Settings(_Frozen):
     artim_timeout: float = Field(30.0, gt=0)
     network_timeout: float = Field(60.0, gt=0, description="silence on an open association before abort")
     shutdown_timeout: float = Field(30.0, ge=0)
+    max_association_seconds: float = Field(
+        14400.0, ge=0, description="abort an inbound association older than this (0 = no limit)")
+    max_association_bytes: int = Field(
+        0, ge=0, description="abort an inbound association that sends more than this (0 = no limit)")
     spool_max_bytes: int = Field(0, ge=0, description="0 = no byte limit")
     spool_min_free_fraction: float = Field(0.05, ge=0, lt=1)
     duplicate_policy: Literal["forward", "ignore"] = "forward"

@@ -105,7 +105,8 @@ class ProxyServices:
     def association_ended(self, info: AssociationInfo, aborted: bool) -> None:
         pass
 
-    def association_rejected(self, rejection: Rejection, calling_ae: str, peer_ip: str) -> None:
+    def association_rejected(self, rejection: Rejection, calling_ae: str, peer_ip: str,
+                             called_ae: str) -> None:
         pass
 
     def echo(self, info: AssociationInfo) -> int:

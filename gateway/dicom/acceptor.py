@@ -45,8 +45,14 @@ class AcceptorConfig:
     artim_timeout: float = 30.0
     network_timeout: float = 60.0
     worklist_enabled: bool = False
+    max_association_seconds: float = 0.0  # 0: no time budget
+    max_association_bytes: int = 0  # 0: no size budget
     implementation_class_uid: str = "1.2.826.0.1.3680043.8.498.1.0.1"
     implementation_version: str = "DICOMGW_010"
+
+
+class BudgetExceeded(GatewayError):
+    """An association used more time or bytes than its budget allows."""
 
 
 class Acceptor:
@@ -171,9 +177,9 @@ class AcceptorAssociation:
         try:
             await self._established()
             aborted = False
-        except PeerTimeout as exc:
+        except (PeerTimeout, BudgetExceeded) as exc:
             log.warning("aborting association with %s: %s", self.info.calling_ae, exc)
-            channel.abort()
+            channel.abort(pdu.ABORT_SOURCE_PROVIDER, pdu.ABORT_REASON_NOT_SPECIFIED)
         except ProtocolError as exc:
             log.warning("aborting association with %s: protocol error: %s",
                         self.info.calling_ae, exc)
@@ -198,12 +204,12 @@ class AcceptorAssociation:
         rejection = self.acceptor.evaluate(rq, self.peer_ip)
         if rejection is not None:
             # counted before the peer can see the answer: a scrape after the RJ always shows it
-            self.services.association_rejected(rejection, rq.calling_ae, self.peer_ip)
+            self.services.association_rejected(rejection, rq.calling_ae, self.peer_ip, rq.called_ae)
             channel.fire(Event.LOCAL_REJECT)
             channel.send(pdu.encode_associate_rj(
                 pdu.AssociateRJ(rejection.result, rejection.source, rejection.reason)))
-            log.info("rejected association from %s (%s) calling %s: %s", rq.calling_ae,
-                     self.peer_ip, rq.called_ae, rejection.label)
+            log.debug("A-ASSOCIATE-RJ %d,%d,%d to %s (%s) calling %s", rejection.result,
+                      rejection.source, rejection.reason, rq.calling_ae, self.peer_ip, rq.called_ae)
             await channel.wait_closed(self.config.artim_timeout)
             return False
         results, accepted = negotiate(rq.contexts, worklist_enabled=self.config.worklist_enabled)
@@ -218,9 +224,23 @@ class AcceptorAssociation:
         return True
 
     async def _established(self) -> None:
+        budget = self.config.max_association_seconds
+        try:
+            async with asyncio.timeout(budget or None):
+                await self._serve_pdus()
+        except TimeoutError:
+            raise BudgetExceeded(f"the association exceeded its time budget of {budget:g} s "
+                                 "(max_association_seconds)") from None
+
+    async def _serve_pdus(self) -> None:
         channel = self.channel
+        limit, received = self.config.max_association_bytes, 0
         while True:
             _, body, action = await channel.read_pdu(self.config.network_timeout)
+            received += len(body)
+            if limit and received > limit:
+                raise BudgetExceeded(f"the association exceeded its size budget of {limit} bytes "
+                                     "(max_association_bytes)")
             if action is Action.DELIVER_DATA:
                 await self._on_pdata(memoryview(body))
             elif action is Action.RELEASE_INDICATION:
