@@ -104,3 +104,43 @@ def test_rejections_are_logged_as_security_events(tmp_path: Path,
     assert (event.calling_ae, event.source_ip, event.reason) == (  # type: ignore[attr-defined]
         "CT_ROOM1", "127.0.0.1", "calling_ae")
     assert "add it under 'modalities'" in event.getMessage()
+
+
+def test_known_modality_from_the_wrong_address_is_rejected_and_counted(tmp_path: Path) -> None:
+    modalities = [Modality(ae_title="US_ROOM3", addresses=["10.20.0.0/16"])]  # we call from 127.0.0.1
+    with GatewayThread(_settings(tmp_path, modalities=modalities)) as gw:
+        async def rejected() -> tuple[int, int, int]:
+            with pytest.raises(AssociationRejected) as caught:
+                await _open(gw.port, "US_ROOM3")
+            return caught.value.result, caught.value.source, caught.value.reason
+
+        assert anyio.run(rejected) == (1, 1, 3)
+        assert gw.gateway is not None
+        registry = gw.gateway.registry
+        assert registry.get_sample_value("dicomgw_association_rejects_total",
+                                         {"reason": "source_ip"}) == 1
+        assert registry.get_sample_value("dicomgw_association_rejects_total",
+                                         {"reason": "calling_ae"}) == 0
+
+
+def test_same_sop_instance_twice_is_stored_twice_and_counted(tmp_path: Path) -> None:
+    image = tmp_path / "us.dcm"
+    make_us_image(image, 3, rows=16, cols=16)
+    sop = "1.2.826.0.1.3680043.8.498.99.42"
+    with GatewayThread(_settings(tmp_path)) as gw:  # default policy: accept and forward again
+        async def twice() -> list[int]:
+            association = await _open(gw.port)
+            context = association.context_for(US_IMAGE, [EXPLICIT_LE])
+            assert context is not None
+            statuses = []
+            for _ in range(2):
+                response = await association.store_file(context, US_IMAGE, sop, image,
+                                                        _dataset_offset(image))
+                statuses.append(response.status or 0)
+            await association.release()
+            return statuses
+
+        assert anyio.run(twice) == [0, 0]
+        assert gw.gateway is not None
+        assert gw.gateway.registry.get_sample_value("dicomgw_duplicates_total") == 1
+    assert len(list((tmp_path / "spool" / "objects").rglob("*.dcm"))) == 2

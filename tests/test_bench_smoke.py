@@ -1,0 +1,100 @@
+"""The benchmark must not rot: its smoke mode runs inside the test suite.
+
+``python -m bench --smoke`` (a handful of images, one repeat: reference, ingest, end to end, routing)
+starts real DCMTK servers and a real gateway process. These tests check that every scenario
+completes with positive rates and that results.json has the shape the docs promise; they never
+assert timing thresholds (a loaded CI machine is not a benchmark machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from peers import require_tool
+from pydicom import dcmread
+
+from bench.corpus import CT, US, CorpusPlan, build_corpus, write_object
+from bench.runner import Row, Target, judge, main
+from bench.scenarios import Sample
+from bench.servers import ProcessStats
+
+SMOKE_ROWS = {"reference", "ingest", "e2e", "routing"}
+
+
+@pytest.mark.peer
+def test_smoke_run_measures_every_scenario_and_writes_results(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("storescp", "storescu", "echoscu"):
+        require_tool(name)
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"machine", "profile", "repeats", "rows", "ratios", "failed"} <= set(results)
+    assert results["failed"] == {}
+    assert set(results["rows"]) == SMOKE_ROWS
+    for name, row in results["rows"].items():
+        assert row["count"] > 0, name
+        assert row["median_seconds"] > 0, name
+        assert row["rate_per_second"] > 0, name
+        assert len(row["samples"]) == 1, name
+    for name in ("ingest", "e2e"):
+        gateway = results["rows"][name]["servers"]["gateway"]
+        assert gateway["peak_rss_mb"] > 10, name
+        assert gateway["cpu_seconds"] >= 0, name
+    assert results["rows"]["e2e"]["servers"]["storescp"]["peak_rss_mb"] > 0
+    assert results["rows"]["routing"]["extra"]["us_per_decision"] > 0
+    ratios = {r["name"]: r for r in results["ratios"]}
+    for name in ("e2e_vs_direct", "ingest_vs_direct"):
+        assert ratios[name]["value"] > 0
+        assert ratios[name]["met"] in (True, False)
+    assert ratios["e2e_vs_orthanc"]["value"] is None  # not run in smoke mode: reported as such
+    report = capsys.readouterr().out
+    assert "| e2e |" in report and "end to end / direct DCMTK hop" in report
+
+
+def test_corpus_is_reproducible_and_valid(tmp_path: Path) -> None:
+    plan = CorpusPlan(seed=7, us_images=2, cine_loops=1, cine_frames=2, ct_slices=1)
+    first = build_corpus(tmp_path / "a", plan)
+    second = build_corpus(tmp_path / "b", plan)
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (*first.us, *first.cine, *first.ct)]
+    again = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (*second.us, *second.cine, *second.ct)]
+    assert digest == again and len(set(digest)) == 4
+    cine = dcmread(first.cine[0])
+    assert cine.NumberOfFrames == 2
+    assert len(cine.PixelData) == 2 * US.frame_bytes
+    assert dcmread(first.ct[0]).pixel_array.shape == (512, 512)
+    other_seed = build_corpus(tmp_path / "c", CorpusPlan(seed=8, us_images=1, cine_loops=0, ct_slices=0))
+    assert dcmread(other_seed.us[0]).SOPInstanceUID != dcmread(first.us[0]).SOPInstanceUID
+
+
+def test_streamed_object_has_the_declared_length(tmp_path: Path) -> None:
+    size = write_object(tmp_path / "ct.dcm", CT, seed=1, index=0, frames=3)
+    assert size == (tmp_path / "ct.dcm").stat().st_size
+    assert len(dcmread(tmp_path / "ct.dcm").PixelData) == 3 * CT.frame_bytes
+
+
+def _row(name: str, seconds: float, count: int = 100, rss: int = 0) -> Row:
+    servers = {"gateway": ProcessStats(1.0, rss)} if rss else {}
+    return Row(name, [Sample(seconds, count, "images", 1000, servers)])
+
+
+def test_ratios_are_judged_against_their_targets() -> None:
+    measured = (_row("reference", 1.0), _row("e2e", 2.5), _row("relay-big", 9.0, 1, 200 * 10**6))
+    rows = {r.name: r for r in measured}
+    targets = (
+        Target("half", "", "e2e", "reference", "rate", ">=", 0.5),
+        Target("time", "", "e2e", "reference", "seconds", "<=", 1.5),
+        Target("rss", "", "relay-big", None, "gateway_rss_mb", "<", 150),
+        Target("info", "", "e2e", "reference", "rate"),
+        Target("missing", "", "orthanc", "e2e", "rate", ">=", 2.5),
+    )
+    verdicts = {v.target.name: v for v in judge(rows, targets)}
+    assert verdicts["half"].value == pytest.approx(0.4) and verdicts["half"].met is False
+    assert verdicts["time"].value == pytest.approx(2.5) and verdicts["time"].met is False
+    assert verdicts["rss"].value == pytest.approx(200) and verdicts["rss"].met is False
+    assert verdicts["info"].met is None
+    assert verdicts["missing"].value is None and verdicts["missing"].met is None
