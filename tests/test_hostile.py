@@ -4,7 +4,7 @@ of real DCMTK exchanges, 16 concurrent storing associations, and a scan of the l
 The fuzzer's corpus is recorded live: a small TCP relay sits between DCMTK (`storescu`, `findscu`,
 `echoscu`) and the gateway and keeps what the client sent. Mutations (bit flips, byte
 substitutions, truncations, length-field rewrites, splices) use a fixed seed, so a failure replays.
-``DICOMGW_FUZZ_CASES`` raises the case count for a longer soak (see docs/security.md).
+``GWTEST_FUZZ_CASES`` raises the case count for a longer soak (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from peers import (
 
 pytestmark = pytest.mark.peer
 
-CASES = int(os.environ.get("DICOMGW_FUZZ_CASES", "2000"))
-LOAD_SECONDS = float(os.environ.get("DICOMGW_LOAD_SECONDS", "0"))  # 0: one round
+CASES = int(os.environ.get("GWTEST_FUZZ_CASES", "2000"))
+LOAD_SECONDS = float(os.environ.get("GWTEST_LOAD_SECONDS", "0"))  # 0: one round
 BATCH = 250
 RSS_LIMIT_KIB = 200 * 1024
 PATIENT_NAME, PATIENT_ID = "TEST^PATIENT", "TEST0001"
