@@ -41,6 +41,12 @@ def test_connect_timeout_suspects_a_firewall_or_the_ip() -> None:
     assert "firewall" in text and "IP" in text
 
 
+def test_tls_error_names_the_certificate_settings() -> None:
+    text = explain("tls_error")
+    assert "TLS handshake with 10.1.2.3:104 failed" in text
+    assert "tls.ca_bundle" in text
+
+
 def test_ipv6_address_is_bracketed() -> None:
     text = explain_failure("connection_refused", **{**PEER, "host": "fd00::5"})
     assert "[fd00::5]:104" in text

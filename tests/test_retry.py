@@ -263,6 +263,7 @@ FAILURES: dict[FailureKind, Outcome] = {
     "connection_refused": "transient",
     "connection_reset": "transient",
     "connect_timeout": "transient",
+    "tls_error": "transient",
     "dimse_timeout": "transient",
     "aborted": "transient",
     "association_rejected": "transient",
