@@ -1,0 +1,5 @@
+"""``python -m bench [--quick | --smoke] [--scenarios a,b] [--repeats N] [--out DIR] [--profile]``."""
+
+from bench.runner import main
+
+raise SystemExit(main())
