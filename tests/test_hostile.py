@@ -54,6 +54,7 @@ class Recorder:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.captures: list[bytes] = []
+        self._recorded = threading.Condition()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -88,7 +89,16 @@ class Recorder:
             pass
         server.shutdown(socket.SHUT_WR)
         pump.join(10)
-        self.captures.append(bytes(sent))
+        with self._recorded:
+            self.captures.append(bytes(sent))
+            self._recorded.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[bytes]:
+        """The captures, once ``count`` connections have been relayed to their end."""
+        with self._recorded:
+            if not self._recorded.wait_for(lambda: len(self.captures) >= count, timeout):
+                raise TimeoutError(f"only {len(self.captures)} of {count} exchanges recorded")
+            return list(self.captures)
 
     def close(self) -> None:
         self.listener.close()
@@ -179,9 +189,9 @@ def test_fuzzed_pdus_from_real_exchanges(gateway: Running, tmp_path: Path) -> No
         assert run_echoscu(recorder.port, called_ae="DICOMGW").returncode == 0
         assert run_storescu(recorder.port, [image], called_ae="DICOMGW").returncode == 0
         run_findscu_worklist(recorder.port, called_ae="DICOMGW")  # the RIS is down: a failure status
+        captures = [c for c in recorder.wait_for(3) if c]
     finally:
         recorder.close()
-    captures = [c for c in recorder.captures if c]
     assert len(captures) == 3
     pid = gateway.pid
     rng = random.Random(20261130)
