@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from peers import require_tool
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import GatewayState, Metrics, metric_names
@@ -31,14 +30,7 @@ EXPECTED_ALERTS = {
 
 
 def promtool() -> str:
-    found = shutil.which("promtool") or (
-        "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None
-    )
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required under CI=true (Debian package 'prometheus')")
-        pytest.skip("promtool not installed")
-    return found
+    return require_tool("promtool")
 
 
 def run_promtool(*args: str) -> None:

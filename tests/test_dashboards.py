@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from peers import require_tool
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import DestinationState, GatewayState, Metrics, metric_names
@@ -32,14 +31,7 @@ SUBSTITUTIONS = {
 
 
 def promtool() -> str:
-    found = shutil.which("promtool") or (
-        "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None
-    )
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required under CI=true (Debian package 'prometheus')")
-        pytest.skip("promtool not installed")
-    return found
+    return require_tool("promtool")
 
 
 @pytest.fixture(scope="module")

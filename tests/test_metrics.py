@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
+from peers import require_tool
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.metrics import (
@@ -37,14 +36,7 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
 
 
 def promtool() -> str:
-    found = shutil.which("promtool") or (
-        "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None
-    )
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required under CI=true (Debian package 'prometheus')")
-        pytest.skip("promtool not installed")
-    return found
+    return require_tool("promtool")
 
 
 # --- status classes ----------------------------------------------------------------------------
