@@ -201,8 +201,10 @@ class Gateway:
             oldest = (now - c.oldest_received_at) if c and c.oldest_received_at else 0.0
             destinations[name] = DestinationState(c.pending if c else 0, destination.queue_capacity,
                                                   max(oldest, 0.0), c.dead if c else 0)
-        self._state = GatewayState(destinations, held, usage.free_bytes, usage.used_bytes,
-                                   usage.capacity_bytes)
+        free = usage.free_bytes
+        if usage.capacity_bytes:  # what is left under the high-water mark, if that is less
+            free = min(free, max(usage.capacity_bytes - usage.used_bytes, 0))
+        self._state = GatewayState(destinations, held, free, usage.used_bytes, usage.capacity_bytes)
 
     def readiness(self) -> Readiness:
         reasons = []
