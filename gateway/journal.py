@@ -1,13 +1,21 @@
 """The spool's SQLite journal: which objects are stored, and where each one still has to go.
 
-Every method here is synchronous SQL and runs on the spool's single journal thread (see
-``gateway.spool``); the journal never touches object files, it only says which ones to delete. Times are
-passed in by the caller (seconds since the epoch), so the SQL is deterministic under test.
+Every method here is synchronous SQL. The spool calls it from two threads (its journal thread and its
+durability thread, see ``gateway.spool``), never at the same time: the spool holds one lock around every
+call. The journal never touches object files, it only says which ones to delete. Times are passed in by
+the caller (seconds since the epoch), so the SQL is deterministic under test.
 
 Tables: ``instances`` (one row per stored object, ``id`` is also its file name), ``deliveries`` (one row
 per instance and destination), ``attempts`` (an append-only log of forward attempts), ``schema_version``.
 Write transactions are ``BEGIN IMMEDIATE`` so that another process (the ``queue`` CLI) waits on the
 busy timeout instead of failing on a lock upgrade.
+
+Durability: the journal runs in WAL mode. Transactions are ``synchronous=FULL`` (the WAL is fsync'd
+before ``COMMIT`` returns) except forward-attempt records (``record_attempts``), which are
+``synchronous=NORMAL``: committed, visible, safe from ``kill -9``, but durable against a power cut only
+after the next FULL commit fsyncs the WAL. An attempt never releases a file by itself: a finished
+instance keeps ``has_file = 1`` with ``expires_at`` set, and only ``expire_files`` (a FULL transaction)
+hands its file over for deletion. See docs/spool.md ("Durability of journal transactions").
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 OUTCOMES = frozenset({"delivered", "warning", "transient", "permanent"})
 LOST_ERROR = "object file missing when the spool was opened (lost)"
+_EXPIRE_CHUNK = 500  # files one ingest transaction releases at most (the rest: the next one)
 
 _SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -123,20 +132,68 @@ class FileRef:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
 class Delivery:
-    """One pending delivery of one stored instance to one destination."""
+    """One pending delivery of one stored instance to one destination.
 
-    instance_id: int
-    destination: str
-    path: Path
-    size: int
-    dataset_offset: int
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    attempts: int
-    received_at: float
+    The journal reads these by the thousand, so a row stays cheap: it keeps the file's path as the
+    journal stores it (relative to the spool) and builds the ``Path`` on first use of ``path``.
+    Treat it as read-only (it was a frozen dataclass; it is compared and hashed by value)."""
+
+    __slots__ = ("_path", "_root", "attempts", "dataset_offset", "destination", "instance_id",
+                 "received_at", "size", "sop_class_uid", "sop_instance_uid", "transfer_syntax")
+
+    def __init__(  # noqa: PLR0917 - positional, in the order of the dataclass it replaced
+        self,
+        instance_id: int,
+        destination: str,
+        path: Path | str,
+        size: int,
+        dataset_offset: int,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        attempts: int,
+        received_at: float,
+        *,
+        root: Path | None = None,
+    ) -> None:
+        self.instance_id = instance_id
+        self.destination = destination
+        self._path = path  # a Path, or a str relative to ``root`` until ``path`` is first read
+        self._root = root
+        self.size = size
+        self.dataset_offset = dataset_offset
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.attempts = attempts
+        self.received_at = received_at
+
+    @property
+    def path(self) -> Path:
+        """The object file (absolute when the journal made this delivery)."""
+        path = self._path
+        if isinstance(path, str):
+            path = Path(path) if self._root is None else self._root / path
+            self._path = path
+        return path
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.instance_id, self.destination, self.path, self.size, self.dataset_offset,
+                self.sop_class_uid, self.sop_instance_uid, self.transfer_syntax, self.attempts,
+                self.received_at)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Delivery):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Delivery(instance_id={self.instance_id!r}, destination={self.destination!r}, "
+                f"path={self.path!r}, attempts={self.attempts!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +239,20 @@ class HeldItem:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One forward attempt, as ``record_attempts`` writes it (``at``: when it was recorded)."""
+
+    instance_id: int
+    destination: str
+    outcome: str
+    status: int | None
+    detail: str
+    next_attempt_at: float | None
+    dead: bool
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ExpectedFile:
     """A journal row that says its object file exists."""
 
@@ -192,26 +263,30 @@ class ExpectedFile:
 
 
 class Journal:
-    """The SQL of the spool. Not thread-safe: one thread creates it, opens it and calls it."""
+    """The SQL of the spool. Not thread-safe: callers serialise every call (the spool holds a lock),
+    and may make them from more than one thread."""
 
     def __init__(self, db_path: Path, root: Path, *, retention_seconds: float = 0.0) -> None:
         self._db_path = db_path
         self._root = root
         self._retention = retention_seconds
         self._conn: sqlite3.Connection | None = None
+        self._durable = True  # the connection's current PRAGMA synchronous: FULL (True) or NORMAL
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self, *, create: bool) -> None:
         if not create and not self._db_path.exists():
             raise FileNotFoundError(self._db_path)
-        conn = sqlite3.connect(self._db_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn = sqlite3.connect(self._db_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False)  # callers serialise; see the class doc
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL").fetchone()
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             self._conn = conn
+            self._durable = True
             self._ensure_schema(create=create)
         except BaseException:
             self._conn = None
@@ -230,8 +305,12 @@ class Journal:
         return self._conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; ``durable=False`` commits it with ``synchronous=NORMAL``."""
         conn = self._db
+        if durable != self._durable:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -275,11 +354,13 @@ class Journal:
         ).fetchone()
         return int(total)
 
-    def expected_files(self) -> list[ExpectedFile]:
-        rows = self._db.execute(
+    def expected_files(self) -> Iterator[ExpectedFile]:
+        """Every row that says its file exists, one at a time (never the whole table in memory).
+        Consume it before the next call on this journal."""
+        for row in self._db.execute(
             "SELECT id, path, state, sop_instance_uid FROM instances WHERE has_file = 1"
-        )
-        return [ExpectedFile(*row) for row in rows]
+        ):
+            yield ExpectedFile(*row)
 
     def mark_missing(self, missing: Sequence[ExpectedFile], now: float) -> int:
         """Rows whose file is gone: undelivered ones become ``lost`` (deliveries dead). Returns how
@@ -315,11 +396,19 @@ class Journal:
     # -- ingest ----------------------------------------------------------------------------
 
     def insert_batch(
-        self, items: Sequence[NewInstance], policy: Literal["forward", "ignore"]
-    ) -> list[Inserted]:
-        """One transaction for every queued commit (group commit)."""
+        self,
+        items: Sequence[NewInstance],
+        policy: Literal["forward", "ignore"],
+        *,
+        expire_before: float | None = None,
+    ) -> tuple[list[Inserted], list[FileRef]]:
+        """One durable transaction for every queued commit (group commit). With ``expire_before``
+        it also releases the files of finished instances that expired by then (as
+        ``expire_files``), so the WAL fsync this transaction pays anyway covers them too."""
         with self._write() as db:
-            return [self._insert(db, item, policy) for item in items]
+            inserted = [self._insert(db, item, policy) for item in items]
+            released = [] if expire_before is None else _expire(db, expire_before, _EXPIRE_CHUNK)
+            return inserted, released
 
     def _insert(
         self, db: sqlite3.Connection, item: NewInstance, policy: Literal["forward", "ignore"]
@@ -362,17 +451,17 @@ class Journal:
     # -- forwarding ------------------------------------------------------------------------
 
     def pending(self, destination: str, after_id: int, limit: int, now: float) -> list[Delivery]:
-        rows = self._db.execute(
-            "SELECT d.instance_id, d.destination, i.path, i.size, i.dataset_offset, i.sop_class_uid,"
-            " i.sop_instance_uid, i.transfer_syntax, d.attempts, i.received_at"
-            " FROM deliveries d JOIN instances i ON i.id = d.instance_id"
-            " WHERE d.destination = ? AND d.state = 'pending' AND d.instance_id > ?"
-            " AND d.next_attempt_at <= ? ORDER BY d.instance_id LIMIT ?",
-            (destination, after_id, now, limit),
-        )
+        root = self._root
         return [
-            Delivery(r[0], r[1], self._root / r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
-            for r in rows
+            Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], root=root)
+            for r in self._db.execute(
+                "SELECT d.instance_id, d.destination, i.path, i.size, i.dataset_offset,"
+                " i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, d.attempts, i.received_at"
+                " FROM deliveries d JOIN instances i ON i.id = d.instance_id"
+                " WHERE d.destination = ? AND d.state = 'pending' AND d.instance_id > ?"
+                " AND d.next_attempt_at <= ? ORDER BY d.instance_id LIMIT ?",
+                (destination, after_id, now, limit),
+            )
         ]
 
     def next_due(self, destination: str) -> float | None:
@@ -382,72 +471,75 @@ class Journal:
         ).fetchone()
         return None if due is None else float(due)
 
-    def record_attempt(
-        self,
-        instance_id: int,
-        destination: str,
-        outcome: str,
-        status: int | None,
-        detail: str,
-        *,
-        next_attempt_at: float | None,
-        dead: bool,
-        now: float,
-    ) -> list[FileRef]:
-        """Log the attempt and move the delivery on. Returns the files to delete (if any)."""
-        if outcome not in OUTCOMES:
-            raise ValueError(f"outcome {outcome!r} is not one of {sorted(OUTCOMES)}")
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO attempts (instance_id, destination, at, outcome, status, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (instance_id, destination, now, outcome, status, detail),
-            )
-            row = db.execute(
-                "SELECT state FROM deliveries WHERE instance_id = ? AND destination = ?",
-                (instance_id, destination),
-            ).fetchone()
-            if row is None or row[0] != "pending":
-                return []  # purged or already settled meanwhile (e.g. by the queue CLI)
-            key = (instance_id, destination)
-            if outcome in ("delivered", "warning"):
-                error = detail if outcome == "warning" else None
-                _settle(db, key, "done", status=status, error=error, due=None, now=now)
-                return self._finish_if_done(db, instance_id, now, keep=self._retention > 0)
-            if dead:
-                _settle(db, key, "dead", status=status, error=detail, due=None, now=now)
-            else:
-                due = now if next_attempt_at is None else next_attempt_at
-                _settle(db, key, "pending", status=status, error=detail, due=due, now=now)
-            return []
+    def record_attempts(self, records: Sequence[AttemptRecord]) -> int:
+        """Log the attempts and move their deliveries on, in one ``synchronous=NORMAL`` transaction.
+
+        An instance whose last delivery is now done becomes ``done`` but keeps its file
+        (``has_file = 1``, ``expires_at`` = now + retention): ``expire_files`` releases it later, in a
+        durable transaction. Returns how many files became due for release at once (retention 0)."""
+        for record in records:
+            if record.outcome not in OUTCOMES:
+                raise ValueError(f"outcome {record.outcome!r} is not one of {sorted(OUTCOMES)}")
+        with self._write(durable=False) as db:
+            return sum(self._record(db, record) for record in records)
+
+    def _record(self, db: sqlite3.Connection, record: AttemptRecord) -> int:
+        instance_id, destination, outcome, now = (
+            record.instance_id, record.destination, record.outcome, record.at)
+        db.execute(
+            "INSERT INTO attempts (instance_id, destination, at, outcome, status, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (instance_id, destination, now, outcome, record.status, record.detail),
+        )
+        row = db.execute(
+            "SELECT state FROM deliveries WHERE instance_id = ? AND destination = ?",
+            (instance_id, destination),
+        ).fetchone()
+        if row is None or row[0] != "pending":
+            return 0  # purged or already settled meanwhile (e.g. by the queue CLI)
+        key = (instance_id, destination)
+        if outcome in ("delivered", "warning"):
+            error = record.detail if outcome == "warning" else None
+            _settle(db, key, "done", status=record.status, error=error, due=None, now=now)
+            kept = self._finish_if_done(db, instance_id, now, keep=True)
+            return int(kept is not None and self._retention <= 0)
+        if record.dead:
+            _settle(db, key, "dead", status=record.status, error=record.detail, due=None, now=now)
+        else:
+            due = now if record.next_attempt_at is None else record.next_attempt_at
+            _settle(db, key, "pending", status=record.status, error=record.detail, due=due, now=now)
+        return 0
 
     def _finish_if_done(
         self, db: sqlite3.Connection, instance_id: int, now: float, *, keep: bool
-    ) -> list[FileRef]:
+    ) -> FileRef | None:
+        """When every delivery of the instance is done, finish it and return its file (if it has
+        one). ``keep``: the file stays until ``expire_files`` releases it (after ``retention``,
+        which may be 0); otherwise it is released by this transaction: delete it after the commit."""
         (open_count,) = db.execute(
             "SELECT COUNT(*) FROM deliveries WHERE instance_id = ? AND state != 'done'",
             (instance_id,),
         ).fetchone()
         if open_count:
-            return []
+            return None
         row = db.execute(
             "SELECT path, size, has_file, state FROM instances WHERE id = ?", (instance_id,)
         ).fetchone()
         if row is None or row[3] in ("done", "held"):
-            return []
+            return None
         state = "lost" if row[3] == "lost" else "done"
         if keep and row[2]:
             db.execute(
                 "UPDATE instances SET state = ?, done_at = ?, expires_at = ? WHERE id = ?",
                 (state, now, now + self._retention, instance_id),
             )
-            return []
-        db.execute(
-            "UPDATE instances SET state = ?, done_at = ?, has_file = 0, expires_at = NULL"
-            " WHERE id = ?",
-            (state, now, instance_id),
-        )
-        return [FileRef(instance_id, row[0], row[1])] if row[2] else []
+        else:
+            db.execute(
+                "UPDATE instances SET state = ?, done_at = ?, has_file = 0, expires_at = NULL"
+                " WHERE id = ?",
+                (state, now, instance_id),
+            )
+        return FileRef(instance_id, row[0], row[1]) if row[2] else None
 
     # -- operator views and actions -----------------------------------------------------------
 
@@ -527,10 +619,8 @@ class Journal:
                 "DELETE FROM deliveries WHERE state = 'dead' AND (? IS NULL OR destination = ?)",
                 (destination, destination),
             )
-            refs: list[FileRef] = []
-            for instance_id in ids:
-                refs += self._finish_if_done(db, instance_id, now, keep=False)
-            return cursor.rowcount, refs
+            finished = (self._finish_if_done(db, instance_id, now, keep=False) for instance_id in ids)
+            return cursor.rowcount, [ref for ref in finished if ref is not None]
 
     def held_items(self, limit: int, after_id: int) -> list[HeldItem]:
         rows = self._db.execute(
@@ -560,18 +650,10 @@ class Journal:
     # -- housekeeping ------------------------------------------------------------------------
 
     def expire_files(self, now: float, limit: int) -> list[FileRef]:
-        """Delivered instances whose retention has run out: their files may go now."""
+        """Finished instances whose retention has run out: their files may go once this durable
+        transaction has committed (it also makes every earlier ``record_attempts`` durable)."""
         with self._write() as db:
-            rows = db.execute(
-                "SELECT id, path, size FROM instances"
-                " WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            db.executemany(
-                "UPDATE instances SET has_file = 0, expires_at = NULL WHERE id = ?",
-                [(row[0],) for row in rows],
-            )
-        return [FileRef(*row) for row in rows]
+            return _expire(db, now, limit)
 
     def prune(self, finished_before: float, limit: int) -> int:
         """Forget finished instances (no file left) older than ``finished_before``."""
@@ -588,6 +670,19 @@ class Journal:
             db.executemany("DELETE FROM deliveries WHERE instance_id = ?", ids)
             db.executemany("DELETE FROM instances WHERE id = ?", ids)
         return len(ids)
+
+
+def _expire(db: sqlite3.Connection, now: float, limit: int) -> list[FileRef]:
+    rows = db.execute(
+        "SELECT id, path, size FROM instances"
+        " WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    db.executemany(
+        "UPDATE instances SET has_file = 0, expires_at = NULL WHERE id = ?",
+        [(row[0],) for row in rows],
+    )
+    return [FileRef(*row) for row in rows]
 
 
 def _add_deliveries(

@@ -8,13 +8,15 @@ import errno
 import os
 import random
 import re
+import shutil
 import sqlite3
 import struct
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pydicom
 import pytest
@@ -23,9 +25,17 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from gateway.errors import SpoolFull
-from gateway.journal import LOST_ERROR, Inserted, NewInstance
+from gateway.journal import (
+    LOST_ERROR,
+    AttemptRecord,
+    Delivery,
+    FileRef,
+    Inserted,
+    NewInstance,
+)
 from gateway.part10 import encode_file_meta
 from gateway.spool import (
+    SPARE_FILES,
     FileSystem,
     InstanceMeta,
     Spool,
@@ -39,6 +49,7 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 OBJECT_PATH = re.compile(r"^objects/[0-9a-f]{2}/[0-9a-f]{16}\.dcm$")
 T0 = 1_700_000_000.0
 TIMEOUT = 20.0
+T = TypeVar("T")
 
 
 class Clock:
@@ -60,6 +71,9 @@ class FakeFS(FileSystem):
         self.free_fraction: float | None = None
         self.max_write: int | None = None
         self.block_fsync: tuple[threading.Event, Callable[[], object]] | None = None
+        self.failing_files: set[Path] = set()  # fsync of these files raises EIO
+        self.synced: list[Path] = []  # every file and directory fsync'd, in order
+        self.opened: list[Path] = []  # every file created, in order
 
     def _check(self, operation: str) -> None:
         code = self.errors.get(operation)
@@ -72,6 +86,7 @@ class FakeFS(FileSystem):
 
     def open(self, path: str, flags: int, mode: int) -> int:
         self._check("open")
+        self.opened.append(Path(path))
         return super().open(path, flags, mode)
 
     def write(self, fd: int, data: bytes | memoryview) -> int:
@@ -82,10 +97,14 @@ class FakeFS(FileSystem):
 
     def fsync(self, fd: int) -> None:
         self._check("fsync")
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
         if self.block_fsync is not None:
             (gate, entered), self.block_fsync = self.block_fsync, None
             entered()
             gate.wait(TIMEOUT)
+        if path in self.failing_files:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        self.synced.append(path)
         super().fsync(fd)
 
     def replace(self, src: str, dst: str) -> None:
@@ -243,6 +262,34 @@ async def test_prefix_keeps_the_first_64_kib_and_short_writes_are_completed(
     assert stored.path.read_bytes()[stored.dataset_offset :] == body
 
 
+async def test_temp_files_are_created_ahead_off_the_event_loop(spool: Spool, fs: FakeFS) -> None:
+    loop = asyncio.get_running_loop()
+    refilled = asyncio.Event()
+    real_make = spool._make_spares
+
+    def make_spares() -> None:
+        real_make()
+        loop.call_soon_threadsafe(refilled.set)
+
+    spool._make_spares = make_spares  # type: ignore[method-assign]
+    first = await store(spool, "1.2.3.1")  # no spare yet: created in begin(), then the refill
+    async with asyncio.timeout(TIMEOUT):
+        await refilled.wait()
+    spares = files_under(spool.root / "spare")
+    assert len(spares) == SPARE_FILES and files_under(spool.root / "tmp") == []
+    assert fs.opened == [spool.root / "tmp" / f"{first.id:016x}.part", *spares]
+
+    writer = spool.begin(meta("1.2.3.2"))  # takes a spare: a rename, no file created
+
+    assert files_under(spool.root / "tmp") == [writer.tmp_path]
+    assert spares[0] not in files_under(spool.root / "spare")
+    writer.write(dataset_bytes("1.2.3.2"))
+    stored = await writer.commit(["PACS_A"], [])
+    assert stored.path.read_bytes()[stored.dataset_offset :] == dataset_bytes("1.2.3.2")
+    await spool.close()
+    assert files_under(spool.root / "spare") == []  # closing removes the spares
+
+
 async def test_abort_leaves_nothing_behind(spool: Spool) -> None:
     writer = spool.begin(meta())
     writer.write(b"\x08\x00" * 1000)
@@ -268,46 +315,121 @@ async def test_hostile_uids_never_become_paths(spool: Spool) -> None:
     assert {p.parent.parent.parent for p in files_under(spool.root / "objects")} == {spool.root}
 
 
-async def test_group_commit_puts_queued_commits_into_one_transaction(spool: Spool) -> None:
-    batches: list[int] = []
-    real_insert = spool._journal.insert_batch
-
-    def counting_insert(items: Sequence[NewInstance], policy: Literal["forward", "ignore"]) -> list[Inserted]:
-        batches.append(len(items))
-        return real_insert(items, policy)
-
-    spool._journal.insert_batch = counting_insert  # type: ignore[method-assign]
-    gate = threading.Event()
-    queued = asyncio.Event()
-    real_enqueue = spool._enqueue
-    entered = 0
-
-    def counting_enqueue(item: object) -> asyncio.Future[object]:
-        nonlocal entered
-        entered += 1
-        if entered == 5:
-            queued.set()
-        return real_enqueue(item)  # type: ignore[arg-type, return-value]
-
-    spool._enqueue = counting_enqueue  # type: ignore[assignment, method-assign]
-    blocker = asyncio.ensure_future(spool._call(lambda: gate.wait(TIMEOUT), "blocking"))
-    commits = [asyncio.ensure_future(store(spool, f"1.2.3.{i}")) for i in range(5)]
-    async with asyncio.timeout(TIMEOUT):
-        await queued.wait()
-        gate.set()
-        await blocker
-        stored = await asyncio.gather(*commits)
-
-    assert batches == [1, 4]
-    assert len({s.id for s in stored}) == 5
-    assert len(await spool.pending("PACS_A", 0, 10, T0)) == 5
-
-
 def block_next_fsync(fs: FakeFS) -> tuple[threading.Event, asyncio.Event]:
     loop = asyncio.get_running_loop()
     gate, entered = threading.Event(), asyncio.Event()
     fs.block_fsync = (gate, lambda: loop.call_soon_threadsafe(entered.set))
     return gate, entered
+
+
+class Arrivals:
+    """Wraps coroutines run as tasks; ``all_in`` is set when the last of ``expected`` starts.
+    Each runs on to its first real suspension (queued in the spool, awaiting its batch) before a
+    task waiting on ``all_in`` resumes."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.started = 0
+        self.all_in = asyncio.Event()
+
+    async def __call__(self, call: Awaitable[T]) -> T:
+        self.started += 1
+        if self.started == self.expected:
+            self.all_in.set()
+        return await call
+
+
+def count_batches(spool: Spool) -> list[int]:
+    """Record the size of every ingest batch's journal transaction."""
+    batches: list[int] = []
+    real_insert = spool._journal.insert_batch
+
+    def counting_insert(
+        items: Sequence[NewInstance], policy: Literal["forward", "ignore"], *,
+        expire_before: float | None = None,
+    ) -> tuple[list[Inserted], list[FileRef]]:
+        batches.append(len(items))
+        return real_insert(items, policy, expire_before=expire_before)
+
+    spool._journal.insert_batch = counting_insert  # type: ignore[method-assign]
+    return batches
+
+
+def begin_with_data(spool: Spool, uid: str) -> SpoolWriter:
+    writer = spool.begin(meta(uid))
+    writer.write(dataset_bytes(uid))
+    return writer
+
+
+async def test_commits_queued_during_a_batch_form_the_next_batch(spool: Spool, fs: FakeFS) -> None:
+    batches = count_batches(spool)
+    gate, entered = block_next_fsync(fs)
+    first = asyncio.ensure_future(store(spool, "1.2.3.0"))
+    async with asyncio.timeout(TIMEOUT):
+        await entered.wait()  # the durability thread is inside the first batch
+        writers = [begin_with_data(spool, f"1.2.3.{i}") for i in range(1, 5)]
+        arrivals = Arrivals(len(writers))
+        rest = [asyncio.ensure_future(arrivals(w.commit(["PACS_A"], []))) for w in writers]
+        await arrivals.all_in.wait()
+        assert len(spool._commits) == 4  # queued behind the batch in progress
+        gate.set()
+        stored = await asyncio.gather(first, *rest)
+
+    assert batches == [1, 4]
+    assert len({s.id for s in stored}) == 5
+    assert all(s.path.is_file() for s in stored)
+    assert len(await spool.pending("PACS_A", 0, 10, T0)) == 5
+    assert spool.usage().used_bytes == sum(s.size for s in stored)
+
+
+async def test_a_batch_fsyncs_each_shard_directory_once(spool: Spool, fs: FakeFS) -> None:
+    gate, entered = block_next_fsync(fs)
+    spool._next_id = 0x1FF  # shard ff
+    first = asyncio.ensure_future(store(spool, "1.2.3.0"))
+    async with asyncio.timeout(TIMEOUT):
+        await entered.wait()
+        writers = []
+        for ident in (0x201, 0x301, 0x302):  # two in shard 01, one in shard 02
+            spool._next_id = ident
+            writers.append(begin_with_data(spool, f"1.2.3.{ident}"))
+        arrivals = Arrivals(len(writers))
+        rest = [asyncio.ensure_future(arrivals(w.commit(["PACS_A"], []))) for w in writers]
+        await arrivals.all_in.wait()
+        assert len(spool._commits) == 3
+        gate.set()
+        stored = await asyncio.gather(first, *rest)
+
+    assert [s.id for s in stored] == [0x1FF, 0x201, 0x301, 0x302]
+    objects = spool.root / "objects"
+    assert sorted(p for p in fs.synced if p.parent == objects) == [objects / "01", objects / "02",
+                                                                  objects / "ff"]
+    assert len([p for p in fs.synced if p.parent == spool.root / "tmp"]) == 4  # every file, once
+
+
+async def test_a_failing_object_fails_alone_in_its_batch(spool: Spool, fs: FakeFS) -> None:
+    batches = count_batches(spool)
+    gate, entered = block_next_fsync(fs)
+    first = asyncio.ensure_future(store(spool, "1.2.3.0"))
+    async with asyncio.timeout(TIMEOUT):
+        await entered.wait()
+        bad, good = begin_with_data(spool, "1.2.3.1"), begin_with_data(spool, "1.2.3.2")
+        fs.failing_files.add(bad.tmp_path)
+        arrivals = Arrivals(2)
+        bad_commit = asyncio.ensure_future(arrivals(bad.commit(["PACS_A"], [])))
+        good_commit = asyncio.ensure_future(arrivals(good.commit(["PACS_A"], [])))
+        await arrivals.all_in.wait()
+        assert len(spool._commits) == 2
+        gate.set()
+        with pytest.raises(SpoolFull, match="EIO"):
+            await bad_commit
+        stored = [await first, await good_commit]
+
+    assert batches == [1, 1]  # the failed object never reached the journal
+    assert files_under(spool.root / "objects") == sorted(s.path for s in stored)
+    assert files_under(spool.root / "tmp") == []
+    assert journal_rows(spool.root, "SELECT sop_instance_uid FROM instances ORDER BY id") == [
+        ("1.2.3.0",), ("1.2.3.2",)]
+    assert spool.usage().used_bytes == sum(s.size for s in stored)
 
 
 async def test_a_commit_cancelled_during_fsync_leaves_nothing(spool: Spool, fs: FakeFS) -> None:
@@ -347,7 +469,7 @@ async def test_close_lets_a_commit_in_progress_finish(spool: Spool, fs: FakeFS) 
 async def test_max_bytes_high_water_refuses_then_recovers_when_the_queue_drains(
     make_spool: Callable[..., Spool],
 ) -> None:
-    spool = make_spool(max_bytes=10_000)
+    spool = make_spool(max_bytes=10_000, release_delay=3600.0)
     await spool.open()
     first = await store(spool, "1.2.3.1", data=b"\0" * 12_000)
     assert spool.usage().over_high_water
@@ -355,8 +477,10 @@ async def test_max_bytes_high_water_refuses_then_recovers_when_the_queue_drains(
     with pytest.raises(SpoolFull, match="high-water"):
         spool.begin(meta("1.2.3.2"))
 
+    # over the mark, a delivered file is released (durably) before record_attempt returns
     await spool.record_attempt(first.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
                                dead=False)
+    assert not first.path.exists()
     usage = spool.usage()
     assert (usage.used_bytes, usage.capacity_bytes, usage.over_high_water) == (0, 10_000, False)
     assert (await store(spool, "1.2.3.2")).path.is_file()
@@ -431,14 +555,15 @@ async def test_a_failed_failure_is_remembered_for_the_recheck_interval(
 
 
 async def test_journal_failure_removes_the_object_file(spool: Spool) -> None:
-    def broken(items: object, policy: object) -> object:
+    def broken(items: object, policy: object, *, expire_before: float | None = None) -> object:
         raise sqlite3.OperationalError("database or disk is full")
 
     spool._journal.insert_batch = broken  # type: ignore[assignment, method-assign]
-    with pytest.raises(SpoolFull, match="journal"):
+    with pytest.raises(SpoolFull, match=r"saving the journal row \(database or disk is full\)"):
         await store(spool)
     assert files_under(spool.root / "objects") == []
     assert files_under(spool.root / "tmp") == []
+    assert spool.usage().used_bytes == 0
 
 
 async def test_a_closed_spool_refuses_everything(make_spool: Callable[..., Spool]) -> None:
@@ -502,8 +627,12 @@ async def test_recovery_sweeps_temps_removes_orphans_keeps_committed_and_marks_l
     await spool.close()
     temp = spool.root / "tmp" / "00000000000000ff.part"
     temp.write_bytes(b"partial")
+    spare = spool.root / "spare" / "0000000000000001.part"  # created ahead, never used
+    spare.write_bytes(b"")
     orphan = spool.root / "objects" / "ab" / "0000000000000fab.dcm"
     orphan.write_bytes(b"renamed but never journaled")
+    misplaced = spool.root / "objects" / "01" / "0000000000000fac.dcm"  # not in its shard (ac)
+    misplaced.write_bytes(b"no row can name it")
     foreign = spool.root / "objects" / "ab" / "README"
     foreign.write_text("not ours")
     vanished.path.unlink()
@@ -511,17 +640,46 @@ async def test_recovery_sweeps_temps_removes_orphans_keeps_committed_and_marks_l
     again = make_spool()
     report = await again.open()
 
-    assert (report.swept_temp_files, report.orphan_files, report.lost_instances) == (1, 1, 1)
+    assert (report.swept_temp_files, report.orphan_files, report.lost_instances) == (1, 2, 1)
     assert (report.foreign_files, report.pending_deliveries, report.held_instances) == (1, 1, 1)
-    assert files_under(again.root / "tmp") == []
-    assert not orphan.exists() and foreign.exists()
+    assert files_under(again.root / "tmp") == [] and not spare.exists()
+    assert not orphan.exists() and not misplaced.exists() and foreign.exists()
     assert kept.path.is_file() and held.path.is_file()
     assert [d.instance_id for d in await again.pending("PACS_A", 0, 10, T0)] == [kept.id]
     (lost,) = await again.list_items(destination="PACS_A", dead=True, held=False, limit=10)
     assert (lost.instance_id, lost.last_error) == (vanished.id, LOST_ERROR)
     assert await again.retry_dead(None) == 0  # nothing to send: the file is gone
     assert again.usage().used_bytes == kept.size + held.size
-    assert (await store(again, "1.2.3.5")).id > 0xFAB  # never reuses a name found on disk
+    assert (await store(again, "1.2.3.5")).id > 0xFAC  # never reuses a name found on disk
+
+
+class NoSyncFS(FileSystem):
+    """Set-up only: no durability needed."""
+
+    def fsync(self, fd: int) -> None:
+        pass
+
+
+async def test_recovery_streams_the_journal_instead_of_loading_it(tmp_path: Path) -> None:
+    rows = 2000
+    spool = Spool(tmp_path / "spool", fs=NoSyncFS())
+    await spool.open()
+    for i in range(rows):
+        await store(spool, f"1.2.3.{i}", data=b"\0\0")
+    await spool.close()
+
+    again = Spool(tmp_path / "spool")
+    tracemalloc.start()
+    try:
+        report = await again.open()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        await again.close()
+
+    assert (report.pending_deliveries, report.orphan_files, report.lost_instances) == (rows, 0, 0)
+    # about 30 bytes per row here (sorted ids on disk); materialising the rows took ~650
+    assert peak < rows * 100, f"recovery peaked at {peak} bytes for {rows} rows"
 
 
 CHILD = """
@@ -548,6 +706,10 @@ async def main():
             writer.write(body[start:start + 8192])
         stored = await writer.commit(["PACS_A"], [])
         print(stored.id, i, flush=True)
+        if i % 3 == 0:  # forwarded: its file is released after a later durable commit
+            await spool.record_attempt(stored.id - 1, "PACS_A", "delivered", 0, "",
+                                       next_attempt_at=None, dead=False)
+            print("delivered", stored.id - 1, flush=True)
 
 asyncio.run(main())
 """
@@ -571,22 +733,29 @@ async def test_kill_9_never_loses_an_acknowledged_object(tmp_path: Path) -> None
     )
     assert proc.stdout is not None
     acknowledged: dict[int, int] = {}
+    delivered: set[int] = set()
+
+    def note(text: str) -> None:
+        first, second = text.split()
+        if first == "delivered":  # printed after record_attempt() returned
+            delivered.add(int(second))
+        else:  # printed after commit() returned: acknowledged
+            acknowledged[int(first)] = int(second)
+
     try:
         async with asyncio.timeout(TIMEOUT):
             while len(acknowledged) < wanted:
                 line = await proc.stdout.readline()
                 assert line, "the child died before it was killed"
-                ident, i = map(int, line.split())
-                acknowledged[ident] = i
+                note(line.decode())
     finally:
         proc.kill()  # SIGKILL, wherever it is: mid-write, mid-fsync, mid-transaction
         async with asyncio.timeout(TIMEOUT):
             rest = await proc.stdout.read()
             await proc.wait()
     for text in rest.decode().splitlines():
-        if text.count(" ") == 1:  # printed after commit() returned: also acknowledged
-            ident, i = map(int, text.split())
-            acknowledged[ident] = i
+        if text.count(" ") == 1:
+            note(text)
 
     spool = Spool(root)
     report = await spool.open()
@@ -594,13 +763,16 @@ async def test_kill_9_never_loses_an_acknowledged_object(tmp_path: Path) -> None
         assert report.lost_instances == 0
         pending = await spool.pending("PACS_A", 0, 100_000, float("inf"))
         by_id = {d.instance_id: d for d in pending}
-        assert acknowledged.keys() <= by_id.keys(), f"lost after kill -9 at {wanted}"
-        for ident, i in acknowledged.items():
+        assert acknowledged.keys() - delivered <= by_id.keys(), f"lost after kill -9 at {wanted}"
+        assert not delivered & by_id.keys()  # a recorded attempt survives kill -9 (not power loss)
+        for ident in acknowledged.keys() - delivered:
             delivery = by_id[ident]
             raw = delivery.path.read_bytes()
-            assert raw[delivery.dataset_offset :] == child_payload(i)
-            assert pydicom.dcmread(delivery.path).file_meta.MediaStorageSOPInstanceUID == f"1.2.3.{i}"
+            assert raw[delivery.dataset_offset :] == child_payload(acknowledged[ident])
+            assert pydicom.dcmread(delivery.path).file_meta.MediaStorageSOPInstanceUID == (
+                f"1.2.3.{acknowledged[ident]}")
         assert files_under(root / "tmp") == []
+        # delivered files were released (durably) before or at this start: only pending ones stay
         assert set(files_under(root / "objects")) == {d.path for d in pending}
         assert report.pending_deliveries == len(pending)
     finally:
@@ -633,8 +805,10 @@ async def test_pending_pages_in_arrival_order_and_respects_next_attempt_at(
 
 
 async def test_delivered_to_every_destination_deletes_the_file_and_logs_attempts(
-    spool: Spool, clock: Clock
+    make_spool: Callable[..., Spool], clock: Clock
 ) -> None:
+    spool = make_spool(release_delay=0.0)
+    await spool.open()
     stored = await store(spool, "1.2.3.1", ["PACS_A", "PACS_B"])
     clock.now = T0 + 5
 
@@ -652,6 +826,168 @@ async def test_delivered_to_every_destination_deletes_the_file_and_logs_attempts
     assert journal_rows(
         spool.root, "SELECT destination, at, outcome, status, detail FROM attempts ORDER BY rowid"
     ) == [("PACS_A", T0 + 5, "delivered", 0, ""), ("PACS_B", T0 + 5, "warning", 0xB000, "coercion")]
+
+
+async def test_attempts_recorded_meanwhile_share_one_transaction(spool: Spool) -> None:
+    ids = [(await store(spool, f"1.2.3.{i}", data=b"\0\0")).id for i in range(5)]
+    batches: list[int] = []
+    real_record = spool._journal.record_attempts
+
+    def counting_record(records: Sequence[AttemptRecord]) -> int:
+        batches.append(len(records))
+        return real_record(records)
+
+    spool._journal.record_attempts = counting_record  # type: ignore[method-assign]
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(spool._call(lambda: gate.wait(TIMEOUT), "blocking"))
+    arrivals = Arrivals(len(ids))
+    records = [
+        asyncio.ensure_future(arrivals(spool.record_attempt(
+            ident, "PACS_A", "transient", 0xA700, "busy", next_attempt_at=T0 + 60, dead=False)))
+        for ident in ids
+    ]
+    async with asyncio.timeout(TIMEOUT):
+        await arrivals.all_in.wait()
+        assert len(spool._attempts) == 4  # the first one is already waiting on the journal thread
+        gate.set()
+        await blocker
+        await asyncio.gather(*records)
+
+    assert batches == [1, 4]
+    assert journal_rows(spool.root, "SELECT COUNT(*) FROM attempts") == [(5,)]
+    assert await spool.pending("PACS_A", 0, 10, T0) == []
+    assert [d.attempts for d in await spool.pending("PACS_A", 0, 10, T0 + 60)] == [1] * 5
+
+
+def transactions(statements: Sequence[str]) -> list[tuple[str, str]]:
+    """(first write of each transaction, PRAGMA synchronous it committed with)."""
+    found, mode, begun = [], "FULL", False
+    for sql in statements:
+        if sql.startswith("PRAGMA synchronous = "):
+            mode = sql.rsplit(" ", 1)[1]
+        elif sql == "BEGIN IMMEDIATE":
+            begun = True
+        elif begun and sql.startswith("INSERT INTO"):
+            found.append((sql.split()[2], mode))
+            begun = False
+    return found
+
+
+async def test_attempts_commit_with_synchronous_normal_ingest_with_full(spool: Spool) -> None:
+    statements: list[str] = []
+    spool._journal._db.set_trace_callback(statements.append)
+    first = await store(spool, "1.2.3.1")
+    await spool.record_attempt(first.id, "PACS_A", "transient", 0xA700, "busy",
+                               next_attempt_at=T0 + 1, dead=False)
+    await store(spool, "1.2.3.2")
+    spool._journal._db.set_trace_callback(None)
+
+    assert transactions(statements) == [
+        ("instances", "FULL"), ("attempts", "NORMAL"), ("instances", "FULL")]
+
+
+async def test_a_delivered_file_is_deleted_only_after_a_durable_commit(
+    make_spool: Callable[..., Spool],
+) -> None:
+    spool = make_spool(release_delay=3600.0)  # no release of its own within this test
+    await spool.open()
+    first = await store(spool, "1.2.3.1")
+    await spool.record_attempt(first.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
+                               dead=False)
+
+    assert first.path.is_file()  # the record is not durable yet: the file must stay
+    assert journal_rows(spool.root, "SELECT state, has_file FROM instances") == [("done", 1)]
+    assert await spool.pending("PACS_A", 0, 10, T0) == []
+
+    second = await store(spool, "1.2.3.2")  # its FULL transaction releases the first file
+
+    assert journal_rows(spool.root, "SELECT state, has_file FROM instances ORDER BY id") == [
+        ("done", 0), ("routed", 1)]
+    assert spool.usage().used_bytes == second.size
+
+    await spool.record_attempt(second.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
+                               dead=False)
+    await spool.close()  # releases what is due, and waits for the deletions, before closing
+    assert journal_rows(spool.root, "SELECT state, has_file FROM instances") == [("done", 0)] * 2
+    assert files_under(spool.root / "objects") == []
+
+
+async def test_without_ingest_a_release_of_its_own_follows_within_the_delay(
+    make_spool: Callable[..., Spool],
+) -> None:
+    spool = make_spool(release_delay=0.01)
+    await spool.open()
+    stored = await store(spool)
+    loop = asyncio.get_running_loop()
+    released = asyncio.Event()
+    real_expire = spool._expire
+
+    def expire(now: float) -> int:
+        count = real_expire(now)
+        if count:
+            loop.call_soon_threadsafe(released.set)
+        return count
+
+    spool._expire = expire  # type: ignore[method-assign]
+    await spool.record_attempt(stored.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
+                               dead=False)
+    async with asyncio.timeout(TIMEOUT):
+        await released.wait()
+
+    assert not stored.path.exists()
+    assert journal_rows(spool.root, "SELECT state, has_file FROM instances") == [("done", 0)]
+    assert spool.usage().used_bytes == 0
+
+
+def copy_journal(source: Path, target: Path) -> None:
+    """A copy of the journal as it is on disk now (the spool is idle between transactions)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("journal.sqlite3", "journal.sqlite3-wal"):
+        shutil.copyfile(source / name, target / name)
+
+
+async def test_a_lost_attempt_record_never_leaves_a_pending_row_without_its_file(
+    make_spool: Callable[..., Spool], tmp_path: Path
+) -> None:
+    spool = make_spool(release_delay=3600.0)
+    await spool.open()
+    stored = await store(spool, "1.2.3.1")
+    copy_journal(spool.root, tmp_path / "before")
+    await spool.record_attempt(stored.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
+                               dead=False)
+
+    # a power cut may lose the NORMAL commit (journal as before the attempt) or keep it (as
+    # after); either way the files are as they are now, since nothing durable released them
+    copy_journal(spool.root, tmp_path / "after")
+    for state in ("before", "after"):
+        shutil.copytree(spool.root / "objects", tmp_path / state / "objects")
+    lost_record = Spool(tmp_path / "before", clock=Clock())
+    report = await lost_record.open()
+    try:
+        assert report.lost_instances == 0
+        (again,) = await lost_record.pending("PACS_A", 0, 10, T0)  # sent again: at least once
+        assert again.path.read_bytes() == stored.path.read_bytes()
+    finally:
+        await lost_record.close()
+    kept_record = Spool(tmp_path / "after", clock=Clock())
+    report = await kept_record.open()  # the record survived: its file is released now
+    try:
+        assert (report.lost_instances, report.pending_deliveries) == (0, 0)
+        assert files_under(tmp_path / "after" / "objects") == []
+        assert kept_record.usage().used_bytes == 0
+    finally:
+        await kept_record.close()
+
+
+def test_a_delivery_builds_its_path_on_first_use() -> None:
+    lazy = Delivery(7, "PACS_A", "objects/07/0000000000000007.dcm", 10, 5, CT, "1.2.3",
+                    IMPLICIT_LE, 0, T0, root=Path("/spool"))
+    eager = Delivery(7, "PACS_A", Path("/spool/objects/07/0000000000000007.dcm"), 10, 5, CT,
+                     "1.2.3", IMPLICIT_LE, 0, T0)
+
+    assert lazy.path == Path("/spool/objects/07/0000000000000007.dcm")
+    assert lazy == eager and hash(lazy) == hash(eager)
+    assert lazy != Delivery(7, "PACS_A", "x.dcm", 10, 5, CT, "1.2.3", IMPLICIT_LE, 1, T0)
 
 
 async def test_retention_keeps_delivered_files_until_swept(
@@ -682,7 +1018,9 @@ async def test_retention_keeps_delivered_files_until_swept(
     assert (await store(spool)).id > stored.id
 
 
-async def test_dead_letters_retry_and_purge(spool: Spool, clock: Clock) -> None:
+async def test_dead_letters_retry_and_purge(make_spool: Callable[..., Spool], clock: Clock) -> None:
+    spool = make_spool(release_delay=0.0)
+    await spool.open()
     both = await store(spool, "1.2.3.1", ["PACS_A", "PACS_B"])
     only_a = await store(spool, "1.2.3.2", ["PACS_A"])
     for ident in (both.id, only_a.id):
