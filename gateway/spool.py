@@ -12,52 +12,65 @@ threads when there are several, so they overlap), renames each into ``objects/``
 shard directory once, commits one journal transaction for every row, and then resolves every waiting
 commit. Every other journal call runs on the *journal thread* (a ``ThreadPoolExecutor(max_workers=1)``,
 awaited with ``loop.run_in_executor``). Both threads use the one SQLite connection, one call at a time
-(``_db_lock``). Forward attempts recorded meanwhile share one transaction, committed with
-``synchronous=NORMAL``: an attempt record lost to a power cut only means the object is sent again (at
-least once). So that a lost record can never leave a pending row without its file, an attempt never
-deletes a file: it marks the instance finished, and the file is released by a later durable (FULL)
-transaction, the next ingest batch's or one of its own after ``release_delay``, and only then unlinked.
+(the lock of ``gateway.spool_ledger.Ledger``). Forward attempts recorded meanwhile share one
+transaction, committed with ``synchronous=NORMAL``: an attempt record lost to a power cut only means
+the object is sent again (at least once). So that a lost record can never leave a pending row without
+its file, an attempt never deletes a file: it marks the instance finished, and the file is released by
+a later durable (FULL) transaction, the next ingest batch's or one of its own after ``release_delay``,
+and only then unlinked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import errno
-import fcntl
-import logging
 import os
-import re
 import sqlite3
-import threading
 import time
-from array import array
-from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from gateway.durability import Commit, DurableBatches
 from gateway.errors import ProtocolError, SpoolFull
 from gateway.journal import (
     OUTCOMES,
     AttemptRecord,
     Delivery,
     DestinationCounts,
-    ExpectedFile,
-    FileRef,
     HeldItem,
-    Inserted,
     ItemInfo,
     Journal,
-    NewInstance,
 )
 from gateway.part10 import encode_file_meta
+from gateway.recovery import RecoveryReport, SpoolRecovery, lock_spool
+from gateway.spool_files import (
+    JOURNAL_NAME,
+    LOCK_NAME,
+    SPARE_FILES,
+    TMP_FLAGS,
+    FileSystem,
+    SpareFiles,
+    object_path,
+    unlink_quietly,
+)
+from gateway.spool_health import SpoolHealth, SpoolUsage
+from gateway.spool_ledger import SWEEP_CHUNK, Ledger
+from gateway.spool_writer import (
+    PREFIX_BYTES,
+    InstanceMeta,
+    SpoolWriter,
+    StoredInstance,
+    new_instance,
+)
 
-__all__ = [
+__all__ = [  # the constants too: importers take them from here
+    "JOURNAL_NAME",
+    "LOCK_NAME",
+    "PREFIX_BYTES",
+    "SPARE_FILES",
     "Delivery",
     "DestinationCounts",
     "FileSystem",
@@ -71,178 +84,23 @@ __all__ = [
     "StoredInstance",
 ]
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PREFIX_BYTES = 64 * 1024
-JOURNAL_NAME = "journal.sqlite3"
-LOCK_NAME = "spool.lock"
 HISTORY_SECONDS = 86400.0
 RELEASE_DELAY = 0.05  # seconds a finished instance's file may wait for an ingest transaction
 FSYNC_THREADS = 4  # fsyncs of one batch that overlap
 BATCHES = 1  # batches in flight at once (2 measured no better: see docs/performance.md)
-SPARE_FILES = 4  # empty temp files created ahead of begin(), off the event loop
-_SWEEP_CHUNK = 500
-_OBJECT_NAME = re.compile(r"^([0-9a-f]{16})\.dcm$")
-_TMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceMeta:
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    calling_ae: str
-    called_ae: str
-    source_ip: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoredInstance:
-    id: int
-    path: Path
-    size: int
-    dataset_offset: int
-    duplicate: bool
-    held: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SpoolUsage:
-    used_bytes: int
-    free_bytes: int
-    capacity_bytes: int  # max_bytes, or 0 when there is no byte limit
-    over_high_water: bool
-    writable: bool
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryReport:
-    swept_temp_files: int  # partial receptions (never acknowledged), deleted
-    orphan_files: int  # object files without a live journal row (never acknowledged), deleted
-    lost_instances: int  # journal rows whose file was missing: should always be 0
-    foreign_files: int  # files in objects/ the spool did not name; left alone
-    pending_deliveries: int
-    held_instances: int
-
-
-class FileSystem:
-    """The file-system calls the spool can fail in: a seam for tests (ENOSPC, EIO, EROFS, statvfs).
-
-    ``recheck_seconds``: how long a statvfs result or a write failure is trusted before the disk is
-    asked again (keeps ``begin()`` cheap under load and while the disk is broken).
-    """
-
-    recheck_seconds: float = 1.0
-
-    def open(self, path: str, flags: int, mode: int) -> int:
-        return os.open(path, flags, mode)
-
-    def write(self, fd: int, data: bytes | memoryview) -> int:
-        return os.write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        os.fsync(fd)
-
-    def replace(self, src: str, dst: str) -> None:
-        os.replace(src, dst)
-
-    def statvfs(self, path: str) -> os.statvfs_result:
-        return os.statvfs(path)
-
-
-class SpoolWriter:
-    """One object being received: a temp file with the Part-10 header already written."""
-
-    def __init__(
-        self, spool: Spool, ident: int, meta: InstanceMeta, *, fd: int, tmp_path: Path, offset: int
-    ) -> None:
-        self._spool = spool
-        self._id = ident
-        self.meta = meta
-        self._fd = fd
-        self.tmp_path = tmp_path
-        self.dataset_offset = offset
-        self.size = 0  # bytes in the file so far, header included
-        self._prefix = bytearray()
-        self._error: OSError | None = None
-        self._finished = False
-
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
-
-    @property
-    def prefix(self) -> bytes:
-        """The first 64 KiB of dataset bytes (for parsing the routing header)."""
-        return bytes(self._prefix)
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Append dataset bytes. Never raises: an OSError is recorded and ``commit()`` reports it."""
-        if self._error is not None or self._finished:
-            return
-        view = memoryview(data)
-        if len(self._prefix) < PREFIX_BYTES:
-            self._prefix += view[: PREFIX_BYTES - len(self._prefix)]
-        self._write_all(view)
-
-    def _write_all(self, view: memoryview) -> None:
-        fs = self._spool._fs
-        done = 0
-        try:
-            while done < len(view):
-                done += fs.write(self._fd, view[done:])
-        except OSError as exc:
-            self._error = exc
-        finally:
-            self.size += done
-            self._spool._inflight_bytes += done
-
-    async def commit(
-        self, destinations: Sequence[str], matched_rules: Sequence[str]
-    ) -> StoredInstance:
-        """Make the object durable and journal it; raises ``SpoolFull`` (temp file removed) on failure."""
-        if self._finished:
-            raise SpoolFull("this object was aborted (the spool is closing) or already committed")
-        self._finished = True
-        return await self._spool._commit(self, tuple(destinations), tuple(matched_rules))
-
-    def abort(self) -> None:
-        """Close and delete the temp file (the association went away mid-dataset)."""
-        if self._finished:
-            return
-        self._finished = True
-        self._spool._discard(self)
-
-    def _take_fd(self) -> int:
-        fd, self._fd = self._fd, -1
-        return fd
-
-
-class _Commit:
-    """One object handed to the durability thread, which fills in how it went."""
-
-    __slots__ = ("cancelled", "doing", "error", "fd", "final", "future", "inserted", "item", "tmp")
-
-    def __init__(
-        self, item: NewInstance, fd: int, tmp: Path, final: Path, future: asyncio.Future[Inserted]
-    ) -> None:
-        self.item = item
-        self.fd = fd
-        self.tmp = tmp
-        self.final = final
-        self.future = future
-        self.cancelled = False  # set on the loop when the committing task was cancelled
-        self.inserted: Inserted | None = None
-        self.error: BaseException | None = None
-        self.doing = ""
-
-    def fail(self, error: BaseException, doing: str) -> None:
-        self.error, self.doing = error, doing
 
 
 class Spool:
-    """Object files under ``root/objects``, temp files under ``root/tmp``, the journal beside them."""
+    """Object files under ``root/objects``, temp files under ``root/tmp``, the journal beside them.
+
+    The facade over the spool's parts: ``SpareFiles`` and ``FileSystem`` (``gateway.spool_files``),
+    the durability thread's ``DurableBatches`` (``gateway.durability``), ``SpoolRecovery``
+    (``gateway.recovery``), ``SpoolHealth`` (``gateway.spool_health``) and the ``Ledger`` of journal
+    and bytes (``gateway.spool_ledger``). It owns the threads, the queues of commits and attempt
+    records, and the release of finished instances' files.
+    """
 
     def __init__(
         self,
@@ -258,12 +116,7 @@ class Spool:
         release_delay: float = RELEASE_DELAY,
     ) -> None:
         self._root = Path(root).absolute()
-        self._objects = self._root / "objects"
         self._tmp = self._root / "tmp"
-        self._spare = self._root / "spare"
-        self._max_bytes = max_bytes
-        self._min_free = min_free_fraction
-        self._policy: Literal["forward", "ignore"] = duplicate_policy
         self._retention = retention_seconds
         self._history = history_seconds
         self._release_delay = release_delay
@@ -272,20 +125,22 @@ class Spool:
         self._journal = Journal(
             self._root / JOURNAL_NAME, self._root, retention_seconds=retention_seconds
         )
-        self._db_lock = threading.Lock()  # one journal call at a time, whichever thread makes it
+        self._ledger = Ledger(self._journal, self._root)
+        self._health = SpoolHealth(
+            self._root, self._fs, max_bytes=max_bytes, min_free_fraction=min_free_fraction,
+            track=self._track,
+        )
+        self._spares = SpareFiles(self._root / "spare", self._fs)
+        self._batcher = DurableBatches(self._fs, self._ledger, duplicate_policy, self._clock)
         self._executor: ThreadPoolExecutor | None = None  # the journal thread
         self._durable: ThreadPoolExecutor | None = None  # the durability thread (ingest only)
         self._fsyncs: ThreadPoolExecutor | None = None  # overlaps the fsyncs of one batch
         self._ingest = False
         self._lock_fd = -1
         self._next_id = 1
-        self._stored_bytes = 0  # SUM(size) of rows with a file: written only holding _db_lock
         self._inflight_bytes = 0  # written only on the event loop
         self._writers: set[SpoolWriter] = set()
-        self._spares: collections.deque[tuple[int, str]] = collections.deque()  # (fd, path)
-        self._refilling = False  # a spare-file job is queued or running
-        self._spare_count = 0  # names spare files (only the spare-file job uses it)
-        self._commits: list[_Commit] = []  # waiting for the durability thread
+        self._commits: list[Commit] = []  # waiting for the durability thread
         self._batches = 0  # batches on the durability threads
         self._durable_idle = asyncio.Event()  # no batch on the durability threads
         self._durable_idle.set()
@@ -299,10 +154,6 @@ class Spool:
         self._release_due = False  # attempts finished instances: release their files durably
         self._release_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
-        self._failure: str | None = None
-        self._failure_until = 0.0
-        self._probing: asyncio.Future[OSError | None] | None = None
-        self._statvfs: tuple[float, int, float] | None = None  # (checked at, free bytes, fraction)
 
     @property
     def root(self) -> Path:
@@ -365,11 +216,7 @@ class Spool:
             if pool is not None:
                 pool.shutdown(wait=True)  # idle by now (a spare-file job ends at once)
         self._durable = self._fsyncs = None
-        while self._spares:
-            fd, path = self._spares.popleft()
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            _unlink_quietly(Path(path))
+        self._spares.close()
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -382,108 +229,19 @@ class Spool:
             self._lock_fd = -1
 
     def _locked(self, job: Callable[[], T]) -> T:
-        with self._db_lock:
-            return job()
-
-    # -- recovery (journal thread) -----------------------------------------------------------
+        return self._ledger.locked(job)
 
     def _recover(self) -> RecoveryReport:
-        with self._db_lock:  # nothing else runs yet; taken anyway, as for every journal call
-            report = self._recover_locked()
+        """The journal thread, before ingest: see ``gateway.recovery``."""
+        recovery = SpoolRecovery(self._root, self._journal, self._fs, self._clock)
+        with self._ledger.lock:  # nothing else runs yet; taken anyway, as for every journal call
+            recovery.make_directories()
+            self._lock_fd = lock_spool(self._root)
+            recovered = recovery.recover()
+            self._next_id = recovered.next_id
+            self._ledger.stored_bytes = recovered.stored_bytes
         self._expire(self._clock())  # instances finished before the restart: their files go now
-        return report
-
-    def _recover_locked(self) -> RecoveryReport:
-        for directory in (self._root, self._objects, self._tmp, self._spare):
-            directory.mkdir(parents=True, exist_ok=True)
-        for shard in range(256):
-            (self._objects / f"{shard:02x}").mkdir(exist_ok=True)
-        self._lock()
-        for directory in (self._root, self._objects, self._tmp):
-            self._fsync_dir(directory)
-        self._journal.open(create=True)
-        _empty(self._spare)  # spare files are empty and were never used
-        swept = _empty(self._tmp)
-        if swept:
-            log.warning("spool: removed %d partial reception(s) from %s", swept, self._tmp)
-        orphans, foreign, top, missing = self._reconcile()
-        for item in missing:
-            log.error(
-                "spool: journal row %d (SOP Instance UID %r, state %s) has no file %s: marked lost",
-                item.id, item.sop_instance_uid, item.state, item.path,
-            )
-        lost = self._journal.mark_missing(missing, self._clock())
-        self._next_id = max(self._journal.max_id(), top) + 1
-        self._stored_bytes = self._journal.stored_bytes()
-        return RecoveryReport(
-            swept, orphans, lost, foreign, self._journal.pending_count(), self._journal.held_count()
-        )
-
-    def _lock(self) -> None:
-        fd = os.open(self._root / LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolFull(
-                f"spool {self._root} is in use by another gateway process; stop it, or give this "
-                "one its own spool_dir"
-            ) from None
-        self._lock_fd = fd
-
-    def _reconcile(self) -> tuple[int, int, int, list[ExpectedFile]]:
-        """Match object files and journal rows without holding the table in memory: the ids found
-        on disk go into one sorted array per shard (8 bytes each), the journal rows stream past
-        them. Deletes files no row wants; returns (orphans, foreign, highest id, missing rows)."""
-        shards, orphans, foreign, top = self._scan_objects()
-        seen = [bytearray(len(ids)) for ids in shards]
-        missing: list[ExpectedFile] = []
-        for row in self._journal.expected_files():
-            shard = row.id & 0xFF
-            ids = shards[shard]
-            index = bisect_left(ids, row.id)
-            if index < len(ids) and ids[index] == row.id and row.path == _object_path(row.id):
-                seen[shard][index] = 1
-            else:
-                missing.append(row)
-        for ids, found in zip(shards, seen, strict=True):
-            for index, ident in enumerate(ids):
-                if not found[index]:
-                    self._remove_orphan(str(self._root / _object_path(ident)))
-                    orphans += 1
-        return orphans, foreign, top, missing
-
-    def _scan_objects(self) -> tuple[list[array[int]], int, int, int]:
-        """The ids of the object files in their own shard, sorted per shard. A file of ours in
-        another folder can have no journal row: it is deleted at once."""
-        shards: list[array[int]] = [array("q") for _ in range(256)]
-        orphans = foreign = top = 0
-        for shard in os.scandir(self._objects):
-            if not shard.is_dir(follow_symlinks=False):
-                foreign += 1
-                continue
-            found: list[int] = []
-            for entry in os.scandir(shard.path):
-                match = _OBJECT_NAME.match(entry.name)
-                if match is None or not entry.is_file(follow_symlinks=False):
-                    foreign += 1
-                    log.warning("spool: unexpected entry %s left alone", entry.path)
-                    continue
-                ident = int(match.group(1), 16)
-                top = max(top, ident)
-                if shard.name == f"{ident & 0xFF:02x}":
-                    found.append(ident)
-                else:
-                    self._remove_orphan(entry.path)
-                    orphans += 1
-            if found:
-                shards[found[0] & 0xFF] = array("q", sorted(found))
-        return shards, orphans, foreign, top
-
-    @staticmethod
-    def _remove_orphan(path: str) -> None:
-        log.warning("spool: object file %s has no journal row (never acknowledged): removed", path)
-        os.unlink(path)
+        return recovered.report
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -500,9 +258,9 @@ class Spool:
         self._next_id += 1
         tmp_path = self._tmp / f"{ident:016x}.part"
         try:
-            fd = self._take_spare(tmp_path)
+            fd = self._spares.take(tmp_path)
             if fd < 0:  # none ready: create it here, as the spare-file job would
-                fd = self._fs.open(str(tmp_path), _TMP_FLAGS, 0o640)
+                fd = self._fs.open(str(tmp_path), TMP_FLAGS, 0o640)
         except OSError as exc:
             raise self._failed(exc, "creating a temporary file") from None
         self._refill_spares()
@@ -515,52 +273,27 @@ class Spool:
         self._writers.add(writer)
         return writer
 
-    def _take_spare(self, tmp_path: Path) -> int:
-        """A spare file renamed to ``tmp_path`` (a rename is far cheaper than creating a file: on
-        ext4 without a journal a create can cost 0.2-0.8 ms of CPU), or -1 when none is ready."""
-        try:
-            fd, path = self._spares.popleft()
-        except IndexError:
-            return -1
-        try:
-            self._fs.replace(path, str(tmp_path))
-        except OSError:
-            os.close(fd)
-            _unlink_quietly(Path(path))
-            raise
-        return fd
-
     def _refill_spares(self) -> None:
         """Keep ``SPARE_FILES`` temp files created ahead, on an fsync thread (loop thread)."""
-        if self._refilling or len(self._spares) > SPARE_FILES // 2 or self._fsyncs is None:
+        if self._fsyncs is None or not self._spares.claim_refill():
             return
-        self._refilling = True
         self._fsyncs.submit(self._make_spares)
 
     def _make_spares(self) -> None:
-        """An fsync thread. A failure is left for the next ``begin()`` to meet and report."""
-        try:
-            while self._ingest and len(self._spares) < SPARE_FILES:
-                self._spare_count += 1
-                path = str(self._spare / f"{self._spare_count:016x}.part")
-                self._spares.append((self._fs.open(path, _TMP_FLAGS, 0o640), path))
-        except OSError as exc:
-            log.debug("spool: cannot create a spare temp file: %s", exc)
-        finally:
-            self._refilling = False
+        """An fsync thread: see ``SpareFiles.refill``."""
+        self._spares.refill(lambda: self._ingest)
 
     def _check_ingest(self) -> None:
         if not self._ingest:
             raise SpoolFull("the spool is not open for ingest (the gateway is starting or stopping)")
-        if self._failure is not None and time.monotonic() < self._failure_until:
-            raise SpoolFull(self._failure)
+        self._health.check_failure()
         usage = self.usage()
         if usage.over_high_water:
             raise SpoolFull(
                 f"spool {self._root} is over its high-water mark (used {usage.used_bytes} bytes of "
-                f"spool_max_bytes {self._max_bytes}, {usage.free_bytes} bytes free on the disk, "
-                f"spool_min_free_fraction {self._min_free}); check that the destinations are up "
-                "and draining the queue, or give the spool more room"
+                f"spool_max_bytes {self._health.max_bytes}, {usage.free_bytes} bytes free on the "
+                f"disk, spool_min_free_fraction {self._health.min_free_fraction}); check that the "
+                "destinations are up and draining the queue, or give the spool more room"
             )
 
     async def _commit(
@@ -583,11 +316,11 @@ class Spool:
             error = writer._error
             self._discard(writer)
             raise self._failed(error, "writing the dataset")
-        rel = _object_path(writer._id)
+        rel = object_path(writer._id)
         loop = asyncio.get_running_loop()
-        item = _new_instance(writer, rel, self._clock(), destinations, matched_rules)
-        commit = _Commit(item, writer._take_fd(), writer.tmp_path, self._root / rel,
-                         loop.create_future())
+        item = new_instance(writer, rel, self._clock(), destinations, matched_rules)
+        commit = Commit(item, writer._take_fd(), writer.tmp_path, self._root / rel,
+                        loop.create_future())
         self._commits.append(commit)
         if self._batches < BATCHES:
             self._start_durable(loop)
@@ -598,7 +331,7 @@ class Spool:
             # not started yet; otherwise it is journaled anyway (a possible duplicate, no loss)
             commit.cancelled = True
             raise
-        self._failure = None
+        self._health.clear_failure()
         return StoredInstance(
             inserted.id,
             self._root / inserted.path,
@@ -618,10 +351,10 @@ class Spool:
         release, self._release_due = self._release_due, False
         self._batches += 1
         self._durable_idle.clear()
-        job = loop.run_in_executor(self._durable, self._durable_batch, batch, release)
+        job = loop.run_in_executor(self._durable, self._batcher.run, batch, release, self._fsyncs)
         job.add_done_callback(partial(self._durable_done, loop, batch, release))
 
-    def _abandon(self, commit: _Commit) -> None:
+    def _abandon(self, commit: Commit) -> None:
         """The spool closed under a commit (loop thread)."""
         self._inflight_bytes -= commit.item.size
         with contextlib.suppress(OSError):
@@ -634,7 +367,7 @@ class Spool:
     def _durable_done(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[_Commit],
+        batch: list[Commit],
         release: bool,
         job: asyncio.Future[bool],
     ) -> None:
@@ -657,127 +390,6 @@ class Spool:
         elif not self._batches:
             self._durable_idle.set()
 
-    # -- the durability thread ---------------------------------------------------------------
-
-    def _durable_batch(self, batch: list[_Commit], release: bool) -> bool:
-        """fsync every file, rename each into objects/, fsync each touched shard directory once,
-        then one journal transaction for every row (``synchronous=FULL``). A failing object fails
-        alone; the others go on. ``release``: also release the files of finished instances in that
-        transaction. Returns whether that was done."""
-        try:
-            live = self._sync_files(batch)
-            live = self._sync_directories(self._rename(live))
-            live = [commit for commit in live if not self._dropped(commit, commit.final)]
-            return self._journal_rows(live, release) if live else False
-        except BaseException as exc:  # a bug: fail what is unfinished, leave nothing behind
-            for commit in batch:
-                if commit.inserted is None and commit.error is None:
-                    commit.fail(exc, "making the object durable")
-                    for path in (commit.tmp, commit.final):
-                        with contextlib.suppress(OSError):
-                            os.unlink(path)
-            raise
-
-    def _sync_files(self, batch: list[_Commit]) -> list[_Commit]:
-        fds = [commit.fd for commit in batch]
-        for commit in batch:
-            commit.fd = -1
-        live: list[_Commit] = []
-        for commit, error in zip(batch, self._each(self._sync_file, fds), strict=True):
-            if error is not None:
-                commit.fail(error, "making the object durable (fsync)")
-                _unlink_quietly(commit.tmp)
-            elif not self._dropped(commit, commit.tmp):
-                live.append(commit)
-        return live
-
-    def _sync_file(self, fd: int) -> None:
-        try:
-            self._fs.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _rename(self, batch: list[_Commit]) -> list[_Commit]:
-        live: list[_Commit] = []
-        for commit in batch:
-            try:
-                self._fs.replace(str(commit.tmp), str(commit.final))
-            except OSError as exc:
-                commit.fail(exc, "making the object durable (rename)")
-                _unlink_quietly(commit.tmp)
-            else:
-                live.append(commit)
-        return live
-
-    def _sync_directories(self, batch: list[_Commit]) -> list[_Commit]:
-        directories = list(dict.fromkeys(commit.final.parent for commit in batch))
-        errors = dict(zip(directories, self._each(self._fsync_dir, directories), strict=True))
-        live: list[_Commit] = []
-        for commit in batch:
-            error = errors[commit.final.parent]
-            if error is not None:
-                commit.fail(error, "making the object durable (fsync of its directory)")
-                _unlink_quietly(commit.final)
-            else:
-                live.append(commit)
-        return live
-
-    def _each(self, job: Callable[[T], object], args: Sequence[T]) -> list[OSError | None]:
-        """Run ``job`` on every argument (overlapping on the fsync threads when there are
-        several); the OSError each one raised, or None."""
-
-        def run(arg: T) -> OSError | None:
-            try:
-                job(arg)
-            except OSError as exc:
-                return exc
-            return None
-
-        if len(args) < 2 or self._fsyncs is None:
-            return [run(arg) for arg in args]
-        return list(self._fsyncs.map(run, args))
-
-    @staticmethod
-    def _dropped(commit: _Commit, path: Path) -> bool:
-        """A commit cancelled before its journal transaction is dropped (its file removed)."""
-        if commit.cancelled:
-            _unlink_quietly(path)
-        return commit.cancelled
-
-    def _journal_rows(self, batch: list[_Commit], release: bool) -> bool:
-        now = self._clock()
-        try:
-            with self._db_lock:
-                inserted, released = self._journal.insert_batch(
-                    [commit.item for commit in batch], self._policy,
-                    expire_before=now if release else None,
-                )
-                self._stored_bytes += sum(
-                    commit.item.size for commit, result in zip(batch, inserted, strict=True)
-                    if result.stored
-                ) - sum(ref.size for ref in released)
-        except Exception as exc:  # SQLite (or the disk under it): every row of the batch fails
-            for commit in batch:
-                commit.fail(exc, "saving the journal row")
-                _unlink_quietly(commit.final)
-            return False
-        for commit, result in zip(batch, inserted, strict=True):
-            commit.inserted = result
-            if not result.stored:  # an ignored duplicate: the first copy is kept
-                _unlink_quietly(commit.final)
-        if released and self._fsyncs is not None:  # deleting frees blocks: not while commits wait
-            self._fsyncs.submit(self._unlink, released)
-        elif released:
-            self._unlink(released)
-        return release
-
-    def _fsync_dir(self, directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self._fs.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _discard(self, writer: SpoolWriter) -> None:
         """Close and delete an unfinished temp file (loop thread)."""
         self._writers.discard(writer)
@@ -787,121 +399,36 @@ class Spool:
                 os.close(fd)
         self._inflight_bytes -= writer.size
         writer.size = 0
-        _unlink_quietly(writer.tmp_path)
+        unlink_quietly(writer.tmp_path)
 
     def _track(self, job: asyncio.Future[Any]) -> None:
         """Remember a background job until it is done (``close()`` waits for it)."""
         self._background.add(job)
         job.add_done_callback(self._background.discard)
 
-    # -- usage and failures ------------------------------------------------------------------
+    # -- usage and failures (see gateway.spool_health) ----------------------------------------
 
     def usage(self) -> SpoolUsage:
         """Cheap and synchronous: bytes tracked in memory, statvfs re-read at most every
         ``recheck_seconds``. After a write failure it starts a background ``probe()`` at most that
         often, so readiness comes back when the disk does, even with no traffic."""
-        used = self._stored_bytes + self._inflight_bytes
-        free, fraction = self._disk_free()
-        over = self._over_high_water(used, fraction)
-        writable = self._ingest and self._failure is None
-        if (
-            self._ingest
-            and self._failure is not None
-            and self._probing is None
-            and time.monotonic() >= self._failure_until
-        ):
-            with contextlib.suppress(RuntimeError):  # no running event loop: no background probe
-                self._start_probe(asyncio.get_running_loop())
-        return SpoolUsage(used, free, self._max_bytes, over, writable)
-
-    def _over_high_water(self, used: int, free_fraction: float) -> bool:
-        return (self._max_bytes > 0 and used > self._max_bytes) or free_fraction < self._min_free
+        return self._health.usage(self._ledger.stored_bytes + self._inflight_bytes, self._ingest)
 
     def _short_of_space(self) -> bool:
-        return self._over_high_water(self._stored_bytes + self._inflight_bytes, self._disk_free()[1])
-
-    def _disk_free(self) -> tuple[int, float]:
-        now = time.monotonic()
-        cached = self._statvfs
-        if cached is not None and now - cached[0] < self._fs.recheck_seconds:
-            return cached[1], cached[2]
-        try:
-            st = self._fs.statvfs(str(self._root))
-        except OSError:
-            free, fraction = 0, 0.0
-        else:
-            free = st.f_bavail * st.f_frsize
-            fraction = st.f_bavail / st.f_blocks if st.f_blocks else 0.0
-        self._statvfs = (now, free, fraction)
-        return free, fraction
+        return self._health.short_of_space(self._ledger.stored_bytes + self._inflight_bytes)
 
     async def probe(self) -> bool:
         """Does the disk take writes again? Creates, writes, fsyncs and deletes ``tmp/probe.part``
         (off the event loop); a success clears the remembered failure."""
         if not self._ingest:
             return False
-        if self._probing is not None:
-            await asyncio.wait([self._probing])
-        job = self._start_probe(asyncio.get_running_loop())
-        await asyncio.wait([job])
-        return not job.cancelled() and job.result() is None
-
-    def _start_probe(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[OSError | None]:
-        job = loop.run_in_executor(None, self._probe_disk)
-        self._probing = job
-        self._track(job)
-        job.add_done_callback(self._probe_done)
-        return job
-
-    def _probe_disk(self) -> OSError | None:
-        path = self._tmp / "probe.part"
-        try:
-            fd = self._fs.open(str(path), os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-            try:
-                self._fs.write(fd, b"\0")
-                self._fs.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(path)
-        except OSError as exc:
-            return exc
-        return None
-
-    def _probe_done(self, job: asyncio.Future[OSError | None]) -> None:
-        self._probing = None
-        if job.cancelled():
-            return
-        error = job.result()
-        if error is None:
-            self._failure = None
-        else:
-            self._failed(error, "probing the spool after an error")
+        return await self._health.probe()
 
     def _failed(self, exc: OSError, doing: str) -> SpoolFull:
-        """Remember a file-system failure for ``recheck_seconds`` and explain it."""
-        message = _explain(exc, doing, self._root)
-        if message != self._failure:
-            log.error("%s", message)
-        self._failure = message
-        self._failure_until = time.monotonic() + self._fs.recheck_seconds
-        return SpoolFull(message)
+        return self._health.failed(exc, doing)
 
     def _journal_error(self, exc: BaseException | None, doing: str) -> SpoolFull:
-        if isinstance(exc, sqlite3.Error):
-            code = _sqlite_errno(getattr(exc, "sqlite_errorname", ""))
-            if code is not None:
-                exc = OSError(code, f"{os.strerror(code)} (journal: {exc})")
-        if isinstance(exc, OSError):
-            return self._failed(exc, doing)
-        if isinstance(exc, SpoolFull):
-            return SpoolFull(str(exc))
-        detail = "the journal was closed" if exc is None else str(exc)
-        message = (
-            f"spool: journal error while {doing} ({detail}); check free space and the disk under "
-            f"{self._root}, and that {JOURNAL_NAME} is intact"
-        )
-        log.error("%s", message)
-        return SpoolFull(message)
+        return self._health.journal_error(exc, doing)
 
     async def _call(self, job: Callable[[], T], doing: str) -> T:
         """Run ``job`` on the journal thread; translate foreign errors into SpoolFull."""
@@ -966,7 +493,7 @@ class Spool:
         """Journal thread: one NORMAL transaction; returns how many files it made due for
         release. ``at_once`` (``release_delay`` 0, or the spool over its high-water mark): release
         them before returning, in a durable transaction of their own."""
-        with self._db_lock:
+        with self._ledger.lock:
             due = self._journal.record_attempts(records)
         if due and at_once:
             self._expire(self._clock())
@@ -1024,15 +551,7 @@ class Spool:
 
     def _expire(self, now: float) -> int:
         """Release (durably) and delete the files of finished instances that expired by ``now``."""
-        released = 0
-        while True:
-            with self._db_lock:
-                refs = self._journal.expire_files(now, _SWEEP_CHUNK)
-                self._stored_bytes -= sum(ref.size for ref in refs)
-            if not refs:
-                return released
-            self._unlink(refs)
-            released += len(refs)
+        return self._ledger.expire(now)
 
     # -- operator views and actions ------------------------------------------------------------
 
@@ -1060,10 +579,10 @@ class Spool:
         purge = partial(self._journal.purge_dead, destination, self._clock())
 
         def job() -> int:
-            with self._db_lock:
+            with self._ledger.lock:
                 count, refs = purge()
-                self._stored_bytes -= sum(ref.size for ref in refs)
-            self._unlink(refs)
+                self._ledger.stored_bytes -= sum(ref.size for ref in refs)
+            self._ledger.unlink(refs)
             return count
 
         return await self._call(job, "purging dead letters")
@@ -1092,110 +611,9 @@ class Spool:
     def _sweep(self, now: float) -> int:
         swept = self._expire(now)
         while self._locked(
-            partial(self._journal.prune, now - max(self._history, self._retention), _SWEEP_CHUNK)
+            partial(self._journal.prune, now - max(self._history, self._retention), SWEEP_CHUNK)
         ):
             pass
-        with self._db_lock:
-            self._stored_bytes = self._journal.stored_bytes()
+        with self._ledger.lock:
+            self._ledger.stored_bytes = self._journal.stored_bytes()
         return swept
-
-    def _unlink(self, refs: Sequence[FileRef]) -> None:
-        """Delete files a committed, durable transaction released (outside the journal lock)."""
-        for ref in refs:
-            try:
-                os.unlink(self._root / ref.path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("spool: cannot delete %s (%s); removed at next start", ref.path, exc)
-
-
-def _object_path(ident: int) -> str:
-    """Where object ``ident`` lives, relative to the spool (the shard is the id's low byte)."""
-    return f"objects/{ident & 0xFF:02x}/{ident:016x}.dcm"
-
-
-def _empty(directory: Path) -> int:
-    """Delete the files (and symlinks) in ``directory``; how many there were."""
-    removed = 0
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False) or entry.is_symlink():
-            os.unlink(entry.path)
-            removed += 1
-    return removed
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _new_instance(
-    writer: SpoolWriter,
-    rel: str,
-    now: float,
-    destinations: tuple[str, ...],
-    matched_rules: tuple[str, ...],
-) -> NewInstance:
-    meta = writer.meta
-    return NewInstance(
-        id=writer._id,
-        sop_instance_uid=_text(meta.sop_instance_uid),
-        sop_class_uid=_text(meta.sop_class_uid),
-        transfer_syntax=_text(meta.transfer_syntax),
-        calling_ae=_text(meta.calling_ae),
-        called_ae=_text(meta.called_ae),
-        source_ip=_text(meta.source_ip),
-        size=writer.size,
-        dataset_offset=writer.dataset_offset,
-        path=rel,
-        received_at=now,
-        destinations=destinations,
-        matched_rules=matched_rules,
-    )
-
-
-def _text(value: str) -> str:
-    """A value SQLite can store as UTF-8 text (lone surrogates from undecodable bytes escaped)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
-
-
-_SQLITE_ERRNO = {  # primary SQLite result code -> the errno whose advice fits
-    "SQLITE_FULL": errno.ENOSPC,
-    "SQLITE_IOERR": errno.EIO,
-    "SQLITE_READONLY": errno.EROFS,
-    "SQLITE_CANTOPEN": errno.EACCES,
-}
-
-
-def _sqlite_errno(name: str) -> int | None:
-    """``SQLITE_IOERR_FSYNC`` -> EIO (extended codes share their primary code's advice)."""
-    for primary, code in _SQLITE_ERRNO.items():
-        if name == primary or name.startswith(primary + "_"):
-            return code
-    return None
-
-
-_ADVICE = {
-    errno.ENOSPC: "the spool filesystem is full: free space under {root} or let the queue drain",
-    errno.EDQUOT: "the disk quota of the gateway user is exhausted: raise it or free space",
-    errno.EROFS: "the spool filesystem is read-only: remount it read-write (see the kernel log "
-    "for why it was remounted)",
-    errno.EIO: "the disk reported an I/O error: check it (kernel log, SMART) before trusting it",
-    errno.EACCES: "permission denied: give the gateway user write access to {root}",
-    errno.EPERM: "operation not permitted: give the gateway user write access to {root}",
-}
-
-
-def _explain(exc: OSError, doing: str, root: Path) -> str:
-    code = exc.errno or 0
-    name = errno.errorcode.get(code, "error")
-    advice = _ADVICE.get(code, "check the spool directory {root} and its disk").format(root=root)
-    return (
-        f"spool: {doing} failed ({name}: {exc.strerror or exc}); {advice}. Objects are refused "
-        "(0xA700) until this clears; nothing acknowledged was lost"
-    )
