@@ -29,6 +29,7 @@ from bench.corpus import (
 )
 from bench.measure import Landing
 from bench.servers import (
+    HOST,
     BenchError,
     Gateway,
     Orthanc,
@@ -249,13 +250,24 @@ def fan_out(ctx: Context, repeat: int) -> Rows:
 
 
 def concurrency(ctx: Context, repeat: int) -> Rows:
+    return _concurrent(ctx, repeat, "concurrency", associations=1)
+
+
+def concurrency_associations(ctx: Context, repeat: int) -> Rows:
+    """The same with ``associations: 4`` to the PACS (storescp ``--fork`` serves them in parallel)."""
+    return _concurrent(ctx, repeat, "concurrency-a4", associations=4)
+
+
+def _concurrent(ctx: Context, repeat: int, row: str, *, associations: int) -> Rows:
     files = ctx.corpus.us
     senders = ctx.profile.senders
     chunks = [files[i::senders] for i in range(senders)]
-    with ctx.work("concurrency", repeat) as work, StoreSCP(work / "received") as scp, \
+    fork = ("--fork",) if associations > 1 else ()
+    with ctx.work(row, repeat) as work, StoreSCP(work / "received", extra=fork) as scp, \
             Landing([scp.directory]) as landing, \
-            Gateway(work / "gateway", destinations={"DEST": (scp.ae_title, scp.port)},
-                    rules=ROUTE_ALL) as gateway, ctx.profiled(gateway, "concurrency", repeat):
+            Gateway(work / "gateway", rules=ROUTE_ALL, settings={"destinations": {"DEST": {
+                "ae_title": scp.ae_title, "host": HOST, "port": scp.port,
+                "associations": associations}}}) as gateway, ctx.profiled(gateway, row, repeat):
         started = time.perf_counter()
         clients = [storescu(gateway.port, chunk, called_ae=gateway.ae_title, calling_ae=f"BENCHSCU{i}")
                    for i, chunk in enumerate(chunks)]
@@ -263,8 +275,7 @@ def concurrency(ctx: Context, repeat: int) -> Rows:
             finish(client, "storescu", ctx.timeout)
         ingested = time.perf_counter() - started
         landed = landing.wait(len(files), ctx.timeout) - started
-        return {"concurrency": _transfer(files, ctx.corpus, landed, [gateway, scp],
-                                         ingest_seconds=ingested)}
+        return {row: _transfer(files, ctx.corpus, landed, [gateway, scp], ingest_seconds=ingested)}
 
 
 def peer(ctx: Context, repeat: int) -> Rows:
@@ -449,6 +460,9 @@ SCENARIOS: Mapping[str, Scenario] = {s.name: s for s in (
     Scenario("e2e", ("e2e",), "storescu -> gateway -> storescp, until the last file landed", end_to_end),
     Scenario("fanout", ("fanout",), "storescu -> gateway -> two storescp (every image to both)", fan_out),
     Scenario("concurrency", ("concurrency",), "8 storescu at once -> gateway -> storescp", concurrency),
+    Scenario("concurrency4", ("concurrency-a4",),
+             "8 storescu at once -> gateway (associations: 4) -> storescp --fork",
+             concurrency_associations),
     Scenario("peer", ("orthanc",), "storescu -> Orthanc (Lua send + delete) -> storescp", peer),
     Scenario("mixed", ("mixed-direct", "mixed-e2e"),
              "CT slices + US cine loops: direct hop vs through the gateway", mixed),
@@ -459,5 +473,6 @@ SCENARIOS: Mapping[str, Scenario] = {s.name: s for s in (
              prepare_memory),
     Scenario("routing", ("routing",), "route() with 1,000 rules, in process", routing, prepare_routing),
 )}
-DEFAULT = ("reference", "ingest", "e2e", "fanout", "concurrency", "peer", "mixed", "mwl", "memory", "routing")
+DEFAULT = ("reference", "ingest", "e2e", "fanout", "concurrency", "concurrency4", "peer", "mixed", "mwl",
+           "memory", "routing")
 SMOKE = ("reference", "ingest", "e2e", "routing")

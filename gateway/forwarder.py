@@ -4,18 +4,30 @@ retries with backoff, dead letters.
 Theory of operation
 -------------------
 The journal is the queue of record; memory holds at most ``queue_capacity`` deliveries. The
-*feeder* pages due deliveries out of the journal in arrival order into the in-memory deque and
-then waits until it is woken (a new instance was routed here, an attempt was recorded), a retry
+*feeder* pages due deliveries out of the journal in arrival (id) order into the in-memory deque and
+then waits until it is woken (a new instance was routed here, a retry was scheduled), a retry
 becomes due, or ``RESCAN`` seconds pass (which also picks up ``dicom-gateway queue retry`` done by
 another process). ``associations`` *workers* take deliveries from the deque; each keeps one
 association open while work remains and releases it after ``idle_timeout``.
 
-After every attempt the outcome is classified (``gateway.retry``) and recorded in the journal
-before the delivery leaves the in-flight set: a crash at any point leaves the delivery pending,
-so it is sent again after restart (at least once). Failures of the destination itself (refused,
-rejected, unreachable) charge only the delivery at hand and pause the whole destination for a
-backoff, so a PACS outage neither burns every item's attempts nor spins. Destinations never share
-queues, tasks or associations: one that is down never slows another.
+The feeder remembers how far it has read (``fed_to``): every due delivery with an id up to there
+is in flight (``inflight``: in the deque, being sent, or waiting for its record), so the next read
+continues after it instead of re-reading the whole queue. It starts lower only when something below
+may have become due: a retry time passed, ``RESCAN`` elapsed, a record failed, or an instance was
+committed late (ids are given when a reception *begins*, so with parallel senders a lower id can
+commit after a higher one: ``wake(instance_id)`` says which, and a wake without an id makes the
+feeder read from the start as soon as that is cheap, i.e. when the deque is empty). Only the
+rescans (at start, every ``RESCAN``, after a journal error) ask the journal when its next retry is
+due; retries this process scheduled are in ``_retry_times``.
+
+After every attempt the worker classifies the outcome (``gateway.retry``), applies what concerns
+the destination at once (a refused, rejected or unreachable PACS charges only the delivery at hand
+and pauses the whole destination for a backoff, so an outage neither burns every item's attempts
+nor spins), and hands the record to a recorder task so it can send the next item while the journal
+writes. A delivery leaves the in-flight set only after its record is written (or failed): the feeder
+can never feed it twice, and the observer sees only recorded attempts. A crash before the record
+leaves the delivery pending, so it is sent again after restart (at least once). Destinations never
+share queues, tasks or associations: one that is down never slows another.
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
+from anyio.abc import TaskGroup
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -41,7 +55,7 @@ from gateway.errors import GatewayError, SpoolFull
 from gateway.explain import explain_failure, explain_status, uid_name
 from gateway.journal import Delivery
 from gateway.metrics import Metrics
-from gateway.retry import Outcome, backoff, classify_status, next_step
+from gateway.retry import Outcome, Step, backoff, classify_status, next_step
 from gateway.scu import Failure, build_proposals, echo_peer, explain_peer, failure_of, outcome_of
 from gateway.settings import Destination
 from gateway.spool import Spool
@@ -51,6 +65,8 @@ log = logging.getLogger("gateway.forwarder")
 
 RESCAN = 5.0
 PROBE_INTERVAL = 30.0
+_EVERYTHING = 0  # ``after`` for a read from the start of the queue
+_NOWHERE = 1 << 62  # no request to read from lower down
 
 
 class NoContext(GatewayError):
@@ -73,12 +89,26 @@ AttemptObserver = Callable[[str, Delivery, Attempt, bool], None]
 """Called after every recorded attempt with (destination, delivery, attempt, dead-lettered)."""
 
 
+class Sender(Protocol):
+    """What a worker sends with: one association at a time (``Session``; tests pass fakes)."""
+
+    @property
+    def open(self) -> bool: ...
+
+    async def send(self, item: Delivery) -> Attempt: ...
+
+    async def release(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class Forwarder:
     def __init__(self, name: str, destination: Destination, spool: Spool, metrics: Metrics, *,
                  calling_ae: str, max_pdu: int = 262144,
                  clock: Callable[[], float] = time.time,
                  uniform: Callable[[], float] = random.random,
-                 observer: AttemptObserver | None = None) -> None:
+                 observer: AttemptObserver | None = None,
+                 sessions: Callable[[Forwarder], Sender] | None = None) -> None:
         self.name = name
         self.destination = destination
         self.spool = spool
@@ -89,22 +119,38 @@ class Forwarder:
         self.clock = clock
         self.uniform = uniform
         self.observer = observer
+        self.sessions: Callable[[Forwarder], Sender] = sessions or Session
         self.queue: collections.deque[Delivery] = collections.deque()
         self.inflight: set[int] = set()
-        self._retry_times: list[float] = []
+        self.fed_to = 0
+        self._lower = _NOWHERE  # the next read starts after min(fed_to, _lower)
+        self._unsure = True  # something may have been committed below fed_to
+        self._rescan = True  # read everything and ask the journal when its next retry is due
+        self._scanned_at = 0.0  # time.monotonic() of the last rescan
+        self._journal_due: float | None = None  # the journal's earliest retry, as last read
+        self._retry_times: list[tuple[float, int]] = []  # (retry_at, instance_id), a heap
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
+        self._records = anyio.Semaphore(destination.queue_capacity)
+        self._tasks: TaskGroup | None = None
         self._paused_until = 0.0
         self._failures = 0
         self._last_success = 0.0
 
-    def wake(self) -> None:
-        """New work may be in the journal."""
+    def wake(self, instance_id: int | None = None) -> None:
+        """New work may be in the journal: ``instance_id`` was just routed here (``None``: some
+        instance, id unknown; a late one is then picked up when the deque runs empty, or within
+        ``RESCAN`` seconds)."""
+        if instance_id is None:
+            self._unsure = True
+        else:
+            self._lower = min(self._lower, instance_id - 1)
         self._wake.set()
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
+            self._tasks = tg
             tg.start_soon(self._feed)
             tg.start_soon(self._probe)
             for _ in range(self.destination.associations):
@@ -119,42 +165,81 @@ class Forwarder:
             except SpoolFull as exc:
                 log.error("%s: cannot read the queue from the journal, trying again in %g s: %s",
                           self.name, RESCAN, exc)
+                self._rescan = True
                 await anyio.sleep(RESCAN)
 
     async def _fill(self) -> None:
-        after = 0
         capacity = self.destination.queue_capacity
         while True:
-            room = capacity - len(self.queue)
-            if room <= 0:
+            if len(self.queue) >= capacity:
                 self._space.clear()
                 await self._space.wait()
                 continue
             self._wake.clear()
-            items = await self.spool.pending(self.name, after, room, self.clock())
-            fresh = [item for item in items if item.instance_id not in self.inflight]
+            start = self._start()
+            if self._rescan:
+                self._rescan = False
+                self._journal_due = await self.spool.next_due(self.name)
+            if not await self._read(start):
+                continue  # the deque is full: wait for space, then go on from fed_to
+            await self._sleep_until_work()
+
+    def _start(self) -> int:
+        """Where the next read begins (and forget the requests it satisfies)."""
+        now = self.clock()
+        while self._retry_times and self._retry_times[0][0] <= now:
+            _, instance_id = heapq.heappop(self._retry_times)
+            self._lower = min(self._lower, instance_id - 1)
+        moment = time.monotonic()
+        if moment - self._scanned_at >= RESCAN:
+            self._rescan = True
+        if self._rescan:
+            self._scanned_at = moment
+        if self._rescan or (self._unsure and not self.queue):
+            self._lower = _EVERYTHING
+        start = max(min(self.fed_to, self._lower), _EVERYTHING)
+        self._lower = _NOWHERE
+        if start == _EVERYTHING:
+            self._unsure = False
+        return start
+
+    async def _read(self, after: int) -> bool:
+        """Feed due deliveries with ids above ``after`` until the deque is full; True when the
+        journal had no more."""
+        capacity = self.destination.queue_capacity
+        while True:
+            room = capacity - len(self.queue)
+            if room <= 0:
+                return False
+            # below fed_to, rows in flight come back too: read past them
+            limit = room if after >= self.fed_to else room + len(self.inflight)
+            items = await self.spool.pending(self.name, after, limit, self.clock())
+            fresh = [item for item in items if item.instance_id not in self.inflight][:room]
             if fresh:
                 self.queue.extend(fresh)
                 self.inflight.update(item.instance_id for item in fresh)
                 self._ready.set()
-            if len(items) == room:
-                after = items[-1].instance_id
-                continue
-            after = 0
-            await self._sleep_until_work()
+            if len(fresh) == room and fresh[-1] is not items[-1]:
+                self.fed_to = fresh[-1].instance_id  # rows after it were not looked at
+                return False
+            position = items[-1].instance_id if items else after
+            if len(items) < limit:
+                self.fed_to = max(self.fed_to, position)
+                return True
+            self.fed_to = position
+            after = position
 
     async def _sleep_until_work(self) -> None:
         now = self.clock()
-        while self._retry_times and self._retry_times[0] <= now:
-            heapq.heappop(self._retry_times)
-        wait = RESCAN
-        if self._retry_times:
-            wait = min(wait, self._retry_times[0] - now)
-        due = await self.spool.next_due(self.name)
+        rescan = RESCAN
+        due = self._journal_due
         if due is not None and due > now:
-            wait = min(wait, due - now)
-        with anyio.move_on_after(max(wait, 0.01)):
+            rescan = min(rescan, due - now)
+        retry = self._retry_times[0][0] - now if self._retry_times else rescan
+        with anyio.move_on_after(max(min(retry, rescan), 0.01)) as scope:
             await self._wake.wait()
+        if scope.cancelled_caught and rescan <= retry:
+            self._rescan = True  # a retry only the journal knows of, or the RESCAN timer
 
     # ------------------------------------------------------------------------------- sending
 
@@ -167,24 +252,76 @@ class Forwarder:
                 return None
         item = self.queue.popleft()
         self._space.set()
+        if self._unsure and not self.queue:
+            self._wake.set()  # reading from the start is cheap now: look for late commits
         return item
 
     async def _work(self) -> None:
-        session = Session(self)
+        session = self.sessions(self)
         try:
             while True:
                 item = await self._take(self.destination.idle_timeout if session.open else None)
                 if item is None:
                     await session.release()
                     continue
+                handed = False
                 try:
-                    await self._deliver(session, item)
-                except SpoolFull as exc:
-                    self._not_recorded(item, exc)
+                    attempt, step = await self._deliver(session, item)
+                    await self._records.acquire()
+                    assert self._tasks is not None
+                    self._tasks.start_soon(self._record, item, attempt, step)
+                    handed = True
                 finally:
-                    self.inflight.discard(item.instance_id)
+                    if not handed:
+                        self.inflight.discard(item.instance_id)
         finally:
             session.abort()
+
+    async def _deliver(self, session: Sender, item: Delivery) -> tuple[Attempt, Step]:
+        """Send one delivery and decide what comes next; the destination learns the outcome at
+        once (pause or recovery), the journal later (``_record``)."""
+        pause = self._paused_until - self.clock()
+        if pause > 0:
+            await anyio.sleep(pause)
+        started = time.perf_counter()
+        attempt = await session.send(item)
+        seconds = time.perf_counter() - started
+        self.metrics.forward_attempt(self.name, attempt.outcome, seconds, item.size)
+        now = self.clock()
+        policy = self.destination.retry
+        step = next_step(item.attempts + 1, item.received_at, now, attempt.outcome, policy,
+                         self.uniform())
+        if attempt.destination_failure:
+            self._failures += 1
+            self._paused_until = now + backoff(self._failures, policy, self.uniform())
+            self.metrics.set_destination_up(self.name, False)
+        elif attempt.outcome in ("delivered", "warning"):
+            self._failures = 0
+            self._last_success = now
+            self.metrics.set_destination_up(self.name, True)
+        return attempt, step
+
+    async def _record(self, item: Delivery, attempt: Attempt, step: Step) -> None:
+        """Write one attempt to the journal (a task of its own), then let the delivery go."""
+        detail = attempt.detail if step.done or not step.dead else f"{attempt.detail}; {step.reason}"
+        try:
+            await self.spool.record_attempt(item.instance_id, self.name, attempt.outcome,
+                                            attempt.status, detail[:1000],
+                                            next_attempt_at=step.retry_at, dead=step.dead)
+        except SpoolFull as exc:
+            self._not_recorded(item, exc)
+            return
+        finally:
+            self.inflight.discard(item.instance_id)
+            self._records.release()
+        if step.retry_at is not None:
+            heapq.heappush(self._retry_times, (step.retry_at, item.instance_id))
+            self._wake.set()  # the feeder's sleep may have to end sooner
+        if self.observer is not None:
+            self.observer(self.name, item, attempt, step.dead)
+        if step.dead:
+            log.warning("dead-lettered instance %s for %s: %s", item.sop_instance_uid, self.name,
+                        detail)
 
     def _not_recorded(self, item: Delivery, exc: SpoolFull) -> None:
         """The attempt was made but the journal did not record it: the delivery stays due and is
@@ -194,43 +331,7 @@ class Forwarder:
         self._paused_until = self.clock() + pause
         log.error("%s: cannot record the attempt for instance %s, sending it again in %.1f s: %s",
                   self.name, item.sop_instance_uid, pause, exc)
-        self.wake()
-
-    async def _deliver(self, session: Session, item: Delivery) -> None:
-        pause = self._paused_until - self.clock()
-        if pause > 0:
-            await anyio.sleep(pause)
-        started = time.perf_counter()
-        attempt = await session.send(item)
-        seconds = time.perf_counter() - started
-        self.metrics.forward_attempt(self.name, attempt.outcome, seconds, item.size)
-        await self._record(item, attempt)
-
-    async def _record(self, item: Delivery, attempt: Attempt) -> None:
-        now = self.clock()
-        policy = self.destination.retry
-        step = next_step(item.attempts + 1, item.received_at, now, attempt.outcome, policy,
-                         self.uniform())
-        detail = attempt.detail if step.done or not step.dead else f"{attempt.detail}; {step.reason}"
-        await self.spool.record_attempt(item.instance_id, self.name, attempt.outcome,
-                                        attempt.status, detail[:1000],
-                                        next_attempt_at=step.retry_at, dead=step.dead)
-        if attempt.destination_failure:
-            self._failures += 1
-            self._paused_until = now + backoff(self._failures, policy, self.uniform())
-            self.metrics.set_destination_up(self.name, False)
-        elif attempt.outcome in ("delivered", "warning"):
-            self._failures = 0
-            self._last_success = now
-            self.metrics.set_destination_up(self.name, True)
-        if step.retry_at is not None:
-            heapq.heappush(self._retry_times, step.retry_at)
-        if self.observer is not None:
-            self.observer(self.name, item, attempt, step.dead)
-        if step.dead:
-            log.warning("dead-lettered instance %s for %s: %s", item.sop_instance_uid, self.name,
-                        detail)
-        self.wake()
+        self.wake(item.instance_id)
 
     async def _probe(self) -> None:
         """C-ECHO the destination when it has been quiet, so ``destination_up`` stays current."""

@@ -11,6 +11,12 @@ The values of a field are a tuple of strings as DICOM presents them (multi-value
 every value), or ``None`` when the attribute is missing. A test matches when ANY value matches and
 fails on a missing attribute, except ``Exists(False)`` and ``Not`` (which inverts its inner test).
 Everything a test needs (regexes, globs, networks) is compiled when the rules are loaded.
+
+Two shortcuts keep ``route`` fast without changing a decision: ``source_ip`` reaches the tests as a
+``SourceAddress`` (a ``str`` parsed once per decision for the ``cidr`` tests), and ``route`` walks
+only ``RuleSet.candidates(calling_ae)``, skipping the rules whose ``Equals``/``OneOf`` conditions on
+``calling_ae`` exclude the sender's title (such a rule cannot match, so it cannot add a destination
+or stop). ``explain`` walks every rule.
 """
 from __future__ import annotations
 
@@ -128,25 +134,62 @@ class InNetwork:
     """An IP address (IPv4 or IPv6) inside any of ``networks``; IPv4-mapped IPv6 counts as IPv4."""
 
     networks: tuple[IPNetwork, ...]
+    _ranges: tuple[tuple[int, int, int], ...] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+    """(version, netmask, network address) of each network, as integers."""
+
+    def __post_init__(self) -> None:
+        ranges = tuple((n.version, int(n.netmask), int(n.network_address)) for n in self.networks)
+        object.__setattr__(self, "_ranges", ranges)
 
     def __call__(self, values: Values) -> bool:
         if values is None:
             return False
-        return any(_in_networks(v, self.networks) for v in values)
+        for value in values:
+            address = value.parsed if isinstance(value, SourceAddress) else parse_address(value)
+            if address is not None and _inside(address, self._ranges):
+                return True
+        return False
 
     def expectation(self) -> str:
         shown = ", ".join(str(n) for n in self.networks)
         return f"an address in {shown}"
 
 
-def _in_networks(text: str, networks: tuple[IPNetwork, ...]) -> bool:
+Address = tuple[int, int]
+"""An IP address as (version, integer); IPv4-mapped IPv6 addresses are IPv4."""
+
+
+def parse_address(text: str) -> Address | None:
+    """``text`` as an ``Address`` (a zone index, ``%eth0``, is ignored); ``None`` if it is not one."""
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    return (address.version, int(address))
+
+
+def _inside(address: Address, ranges: tuple[tuple[int, int, int], ...]) -> bool:
+    version, number = address
+    for net_version, mask, network in ranges:  # noqa: SIM110 (a loop: this is the hot path)
+        if net_version == version and number & mask == network:
+            return True
+    return False
+
+
+class SourceAddress(str):
+    """The value of the ``source_ip`` field: the text every test sees, parsed once per decision
+    for the ``cidr`` tests (``parsed`` is ``None`` when the text is not an IP address)."""
+
+    parsed: Address | None
+
+    def __new__(cls, text: str) -> SourceAddress:
+        value = super().__new__(cls, text)
+        value.parsed = parse_address(text)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,21 +235,73 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    """A validated, compiled set of rules; ``keywords`` (the DICOM keywords rules read) is derived."""
+    """A validated, compiled set of rules; ``keywords`` (the DICOM keywords rules read) is derived,
+    and so is an index of the rules by the calling AE titles they require (``candidates``)."""
 
     rules: tuple[Rule, ...] = ()
     files: tuple[Path, ...] = ()
     fingerprint: str = ""
     keywords: frozenset[str] = dataclasses.field(init=False)
+    _by_calling_ae: Mapping[str, tuple[Rule, ...]] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+    _unlisted: tuple[Rule, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         read = {c.field for rule in self.rules for c in rule.conditions} - PEER_FIELDS
         object.__setattr__(self, "keywords", frozenset(read))
+        by_title, unlisted = _index_by_calling_ae(self.rules)
+        object.__setattr__(self, "_by_calling_ae", by_title)
+        object.__setattr__(self, "_unlisted", unlisted)
 
     @property
     def destinations(self) -> tuple[str, ...]:
         """Every destination some rule names, in first-seen order."""
         return tuple(dict.fromkeys(d for rule in self.rules for d in rule.destinations))
+
+    def candidates(self, calling_ae: str) -> tuple[Rule, ...]:
+        """The rules, in order, that can match an instance from ``calling_ae`` (the stripped title):
+        every rule except those whose ``Equals``/``OneOf`` conditions on ``calling_ae`` exclude it."""
+        return self._by_calling_ae.get(calling_ae, self._unlisted)
+
+
+INDEX_LIMIT = 1 << 20
+"""Largest index (titles x rules) built; a bigger rule set is walked whole."""
+
+
+def required_calling_aes(rule: Rule) -> frozenset[str] | None:
+    """The calling AE titles ``rule`` can match at all (``None``: any), from its ``Equals`` and
+    ``OneOf`` conditions on ``calling_ae``. The field always has exactly one value, so a title
+    outside this set fails one of those conditions."""
+    allowed: frozenset[str] | None = None
+    for condition in rule.conditions:
+        test = condition.test
+        if condition.field != "calling_ae":
+            continue
+        if isinstance(test, Equals):
+            titles = frozenset((test.value,))
+        elif isinstance(test, OneOf):
+            titles = frozenset(test.choices)
+        else:
+            continue
+        allowed = titles if allowed is None else allowed & titles
+    return allowed
+
+
+def _index_by_calling_ae(
+    rules: tuple[Rule, ...],
+) -> tuple[dict[str, tuple[Rule, ...]], tuple[Rule, ...]]:
+    """(rules per title some rule requires, rules for any other title), each in rule order."""
+    required = [required_calling_aes(rule) for rule in rules]
+    titles = set().union(*(r for r in required if r is not None))
+    if not titles or len(titles) * len(rules) > INDEX_LIMIT:
+        return {}, rules
+    unlisted = tuple(rule for rule, r in zip(rules, required, strict=True) if r is None)
+    by_title = {
+        title: tuple(rule for rule, r in zip(rules, required, strict=True) if r is None or title in r)
+        for title in titles
+    }
+    return by_title, unlisted
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +334,7 @@ def field_values(header: Header) -> dict[str, tuple[str, ...]]:
     values = dict(header.attributes)
     values["calling_ae"] = (header.calling_ae.strip(" "),)
     values["called_ae"] = (header.called_ae.strip(" "),)
-    values["source_ip"] = (header.source_ip,)
+    values["source_ip"] = (SourceAddress(header.source_ip),)
     return values
 
 
@@ -247,7 +342,7 @@ def route(header: Header, ruleset: RuleSet) -> Decision:
     values = field_values(header)
     destinations: dict[str, None] = {}
     matched: list[str] = []
-    for rule in ruleset.rules:
+    for rule in ruleset.candidates(values["calling_ae"][0]):
         if rule.matches(values):
             matched.append(rule.name)
             destinations.update(dict.fromkeys(rule.destinations))

@@ -176,7 +176,7 @@ class Gateway:
         for name in destinations:
             forwarder = self.forwarders.get(name)
             if forwarder is not None:
-                forwarder.wake()
+                forwarder.wake(stored.id)
 
     def _rules_reloaded(self, ruleset: RuleSet) -> None:
         assert self.rules is not None

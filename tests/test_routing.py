@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
+import re
 from pathlib import Path
 
 import pytest
@@ -10,16 +13,22 @@ from hypothesis import strategies as st
 
 from gateway.header import Header
 from gateway.routing import (
+    INDEX_LIMIT,
     Condition,
     Decision,
     Equals,
     Exists,
+    Glob,
+    InNetwork,
+    IPNetwork,
     Matcher,
     Not,
     OneOf,
     Rule,
     RuleSet,
+    SourceAddress,
     explain,
+    field_values,
     route,
 )
 from gateway.rules import RuleFile, compile_rules
@@ -347,3 +356,133 @@ def test_explain_agrees_with_route(h: Header, rules: RuleSet) -> None:
     for trace, rule in zip(traces, rules.rules, strict=True):
         assert trace.matched == bool(route(h, RuleSet((rule,))).matched)
         assert (trace.failure is None) == trace.matched
+
+
+# --- the fast paths agree with the plain semantics ----------------------------------------------
+
+TITLES = ("A", "B", "C", "US_ROOM3")
+title_matchers: st.SearchStrategy[Matcher] = st.one_of(
+    st.builds(Equals, st.sampled_from(TITLES)),
+    st.builds(OneOf, st.lists(st.sampled_from(TITLES), min_size=1, max_size=3).map(tuple)),
+    st.builds(Not, st.builds(Equals, st.sampled_from(TITLES))),
+    st.builds(Exists, st.booleans()),
+    st.builds(Glob, st.just("US_*"), st.just(re.compile(fnmatch.translate("US_*")))),
+)
+title_conditions = st.lists(
+    st.one_of(
+        st.tuples(st.just("calling_ae"), title_matchers),
+        st.tuples(st.sampled_from(FIELDS[1:]), matchers),
+    ),
+    max_size=3,
+).map(lambda cs: tuple(Condition(f, m) for f, m in cs))
+title_rulesets = st.lists(
+    st.tuples(title_conditions, st.lists(st.sampled_from(DESTINATIONS), max_size=2, unique=True),
+              st.booleans()),
+    max_size=10,
+).map(build)
+padded_titles = st.tuples(st.sampled_from((*TITLES, "D")), st.sampled_from(("", " ", "  "))).map(
+    lambda t: t[0] + t[1]
+)
+title_headers = st.builds(
+    lambda ae, attributes: Header(ae, "GW", "127.0.0.1", attributes),
+    padded_titles,
+    st.dictionaries(
+        st.sampled_from(FIELDS[1:]), st.lists(st.sampled_from((*VALUES, "")), max_size=2).map(tuple)
+    ),
+)
+
+
+def plain_loop(h: Header, rules: RuleSet) -> Decision:
+    """``route`` without the calling AE index: every rule, in order, until a matching stop."""
+    values = field_values(h)
+    destinations: dict[str, None] = {}
+    matched: list[str] = []
+    for rule in rules.rules:
+        if rule.matches(values):
+            matched.append(rule.name)
+            destinations.update(dict.fromkeys(rule.destinations))
+            if rule.stop:
+                break
+    return Decision(tuple(destinations), tuple(matched))
+
+
+@given(title_headers, title_rulesets)
+def test_the_calling_ae_index_decides_exactly_like_the_plain_loop(h: Header, rules: RuleSet) -> None:
+    assert route(h, rules) == plain_loop(h, rules)
+    skipped = set(rules.rules) - set(rules.candidates(h.calling_ae.strip(" ")))
+    assert not any(rule.matches(field_values(h)) for rule in skipped)
+
+
+def test_the_index_skips_rules_that_require_another_calling_ae() -> None:
+    rules = ruleset(
+        "rules:\n"
+        "  - name: room3\n    match: {Modality: US, calling_ae: US_ROOM3}\n    destinations: [PACS_TEST]\n"
+        "  - name: rooms\n    match: {calling_ae: {in: [US_ROOM3, CT_ROOM1]}}\n    destinations: [ARCHIVE]\n"
+        "  - name: not-room3\n    match: {calling_ae: {not: US_ROOM3}}\n    destinations: [ARCHIVE]\n"
+        "  - name: rest\n    destinations: [PACS_PROD]\n"
+    )
+    names = {ae: [r.name for r in rules.candidates(ae)] for ae in ("US_ROOM3", "CT_ROOM1", "MR_ROOM2")}
+    assert names == {
+        "US_ROOM3": ["room3", "rooms", "not-room3", "rest"],
+        "CT_ROOM1": ["rooms", "not-room3", "rest"],
+        "MR_ROOM2": ["not-room3", "rest"],
+    }
+    assert route(header(calling_ae="US_ROOM3 ", Modality=("US",)), rules) == Decision(
+        ("PACS_TEST", "ARCHIVE", "PACS_PROD"), ("room3", "rooms", "rest")
+    )
+
+
+def test_a_rule_set_too_large_to_index_is_walked_whole() -> None:
+    count = 1025  # 1025 titles x 1025 rules > INDEX_LIMIT
+    assert count * count > INDEX_LIMIT
+    specs: list[tuple[tuple[Condition, ...], list[str], bool]] = [
+        ((Condition("calling_ae", Equals(f"AE{i}")),), ["ARCHIVE"], False) for i in range(count)
+    ]
+    rules = build(specs)
+    assert rules.candidates("AE7") == rules.rules
+    assert route(header(calling_ae="AE7"), rules) == Decision(("ARCHIVE",), ("r7",))
+
+
+def reference_in_networks(text: str, networks: tuple[IPNetwork, ...]) -> bool:
+    """The documented ``cidr`` semantics, with ``ipaddress`` objects throughout."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+ipv4 = st.ip_addresses(v=4)
+ipv6 = st.ip_addresses(v=6)
+networks = st.one_of(
+    st.tuples(ipv4, st.integers(0, 32)).map(lambda t: ipaddress.ip_network(f"{t[0]}/{t[1]}", strict=False)),
+    st.tuples(ipv6, st.integers(0, 128)).map(lambda t: ipaddress.ip_network(f"{t[0]}/{t[1]}", strict=False)),
+)
+address_texts = st.one_of(
+    ipv4.map(str),
+    ipv6.map(str),
+    ipv4.map(lambda a: f"::ffff:{a}"),
+    ipv6.map(lambda a: f"{a}%eth0"),
+    st.sampled_from(("", "not an address", "10.0.0", "fe80::1%", "::ffff:10.1.2.3")),
+)
+
+
+@given(address_texts, st.lists(networks, min_size=1, max_size=4).map(tuple))
+def test_cidr_with_a_parsed_source_address_agrees_with_ipaddress(
+    text: str, nets: tuple[IPNetwork, ...]
+) -> None:
+    expected = reference_in_networks(text, nets)
+    test = InNetwork(nets)
+    assert test((SourceAddress(text),)) is expected
+    assert test((text,)) is expected  # a plain string (any field) is parsed on the spot
+    assert route(header(source_ip=text), RuleSet((Rule("r", (Condition("source_ip", test),), ("ARCHIVE",)),))
+                 ).destinations == (("ARCHIVE",) if expected else ())
+
+
+def test_the_source_address_is_still_text_for_every_other_test() -> None:
+    value = field_values(header(source_ip="10.20.1.2"))["source_ip"]
+    assert value == ("10.20.1.2",) and isinstance(value[0], SourceAddress)
+    assert repr(value[0]) == "'10.20.1.2'"
+    assert matches('source_ip: {glob: "10.20.*"}', header(source_ip="10.20.1.2"))
