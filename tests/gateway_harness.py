@@ -127,6 +127,16 @@ class GatewayThread:
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
 
 
+FAST_RETRY = {"base_delay": 0.05, "max_delay": 0.5}
+
+
+def destination_config(port: int, ae_title: str, *, host: str = "127.0.0.1",
+                       **options: Any) -> dict[str, Any]:
+    """A destination entry for test configs: short timeouts and fast retries."""
+    return {"ae_title": ae_title, "host": host, "port": port, "connect_timeout": 5.0,
+            "dimse_timeout": 15.0, "retry": dict(FAST_RETRY), **options}
+
+
 def write_config(path: Path, settings: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     return path

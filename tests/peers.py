@@ -290,7 +290,8 @@ class _Peer:
 
 @dataclass
 class StoreSCP(_Peer):
-    """DCMTK ``storescp`` accepting every transfer syntax it knows (``+xa``), into ``directory``.
+    """DCMTK ``storescp`` into ``directory``, accepting every transfer syntax it knows (``+xa``)
+    unless ``syntaxes`` says otherwise.
 
     Failure modes for forwarder tests: ``refuse`` (A-ASSOCIATE-RJ to everyone), ``reject``
     (reject callers that send no Implementation Class UID), ``abort_during`` / ``abort_after``
@@ -310,13 +311,14 @@ class StoreSCP(_Peer):
     sleep_after: int = 0
     unique_filenames: bool = False
     fork: bool = False
+    syntaxes: str = "+xa"  # storescp's syntax policy: +xa all, +x= uncompressed, +xi implicit only
     max_pdu: int = 131072
     extra_args: Sequence[str] = ()
     log_dir: Path | None = None
     host: str = field(default=HOST, init=False)
 
     def argv(self) -> list[str]:
-        args = [require_tool("storescp"), "-v", "-dhl", "+xa", "-aet", self.ae_title]
+        args = [require_tool("storescp"), "-v", "-dhl", self.syntaxes, "-aet", self.ae_title]
         args += ["-od", str(self.directory), "-pdu", str(self.max_pdu)]
         args += ["+uf"] if self.unique_filenames else ["-uf"]
         flags = {

@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 import pytest
-from gateway_harness import GatewayProcess, write_config
+from gateway_harness import GatewayProcess, destination_config, write_config
 from peers import HOST, Peers, StoreSCP, free_port, make_us_image, run_storescu, wait_until
 
 from gateway import cli
@@ -38,18 +38,6 @@ def crash_config(tmp_path: Path, port: int, test_port: int, prod_port: int) -> P
     (rules_dir / "10-all.yaml").write_text(
         "rules:\n  - name: everything\n    destinations: [PACS_TEST, PACS_PROD]\n", encoding="utf-8"
     )
-    retry = {"base_delay": 0.05, "max_delay": 0.5}
-
-    def pacs(ae_title: str, pacs_port: int) -> dict[str, object]:
-        return {
-            "ae_title": ae_title,
-            "host": HOST,
-            "port": pacs_port,
-            "connect_timeout": 5.0,
-            "dimse_timeout": 15.0,
-            "retry": retry,
-        }
-
     return write_config(
         tmp_path / "gateway.yaml",
         {
@@ -61,8 +49,8 @@ def crash_config(tmp_path: Path, port: int, test_port: int, prod_port: int) -> P
             "rules_dir": str(rules_dir),
             "shutdown_timeout": 2.0,
             "destinations": {
-                "PACS_TEST": pacs("TESTPACS", test_port),
-                "PACS_PROD": pacs("PRODPACS", prod_port),
+                "PACS_TEST": destination_config(test_port, "TESTPACS"),
+                "PACS_PROD": destination_config(prod_port, "PRODPACS"),
             },
         },
     )

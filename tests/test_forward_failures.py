@@ -11,13 +11,12 @@ import collections
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from gateway_harness import GatewayThread, write_config
+from gateway_harness import GatewayThread, destination_config, write_config
 from peers import HOST, Peers, StoreSCP, make_us_image, run_dcmsend, run_storescu
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -57,15 +56,7 @@ def write_gateway_config(tmp_path: Path, port: int, ae_title: str, **options: An
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir(exist_ok=True)
     (rules_dir / "10-test.yaml").write_text(ALL_TO_PACS, encoding="utf-8")
-    pacs = {
-        "ae_title": ae_title,
-        "host": HOST,
-        "port": port,
-        "connect_timeout": 5.0,
-        "dimse_timeout": 15.0,
-        "retry": {"base_delay": 0.05, "max_delay": 0.5},
-        **options,
-    }
+    pacs = destination_config(port, ae_title, **options)
     config = {
         "ae_title": GATEWAY_AE,
         "host": HOST,
@@ -106,19 +97,6 @@ def items(gw: GatewayThread, *, dead: bool) -> list[ItemInfo]:
 
 
 # ------------------------------------------------------------------------------------------ peers
-
-
-@dataclass
-class SyntaxStoreSCP(StoreSCP):
-    """DCMTK storescp with another transfer syntax policy than ``+xa`` (accept all):
-    ``+x=`` uncompressed only (storescp's default), ``+xi`` implicit VR little endian only."""
-
-    syntax_option: str = "+x="
-
-    def argv(self) -> list[str]:
-        args = super().argv()
-        args[args.index("+xa")] = self.syntax_option
-        return args
 
 
 class PickyPACS:
@@ -314,7 +292,7 @@ def test_a_pacs_that_rejects_our_ae_title_gets_one_attempt_then_queue_retry_deli
 def test_a_jpeg_image_no_context_accepts_is_a_dead_letter_that_names_class_syntax_and_destination(
     tmp_path: Path, sample_files: dict[str, Path]
 ) -> None:
-    with SyntaxStoreSCP(tmp_path / "pacs", ae_title="PACS", syntax_option="+x=") as pacs:
+    with StoreSCP(tmp_path / "pacs", ae_title="PACS", syntaxes="+x=") as pacs:
         config = write_gateway_config(tmp_path, pacs.port, "PACS")
         later = us_images(tmp_path / "us", 1)
         with gateway(config) as gw:
@@ -344,7 +322,7 @@ def test_a_jpeg_image_no_context_accepts_is_a_dead_letter_that_names_class_synta
 def test_queue_retry_of_a_no_context_dead_letter_negotiates_again_once_the_pacs_is_fixed(
     tmp_path: Path, peers: Peers, sample_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plain = SyntaxStoreSCP(tmp_path / "plain", ae_title="PACS", syntax_option="+x=").start()
+    plain = StoreSCP(tmp_path / "plain", ae_title="PACS", syntaxes="+x=").start()
     try:
         # the default idle_timeout (30 s) keeps the association that refused JPEG open meanwhile
         config = write_gateway_config(tmp_path, plain.port, "PACS")
@@ -367,7 +345,7 @@ def test_queue_retry_of_a_no_context_dead_letter_negotiates_again_once_the_pacs_
 
 
 def test_an_explicit_vr_image_is_converted_for_a_pacs_that_takes_implicit_vr_only(tmp_path: Path) -> None:
-    with SyntaxStoreSCP(tmp_path / "pacs", ae_title="PACS", syntax_option="+xi") as pacs:
+    with StoreSCP(tmp_path / "pacs", ae_title="PACS", syntaxes="+xi") as pacs:
         config = write_gateway_config(tmp_path, pacs.port, "PACS")
         images = us_images(tmp_path / "us", 2)
         with gateway(config) as gw:
@@ -416,7 +394,7 @@ def test_an_object_that_cannot_be_converted_is_a_dead_letter_and_the_gateway_kee
     tmp_path: Path,
 ) -> None:
     sop_class, sop_instance, dataset = malformed(tmp_path / "source.dcm")
-    with SyntaxStoreSCP(tmp_path / "pacs", ae_title="PACS", syntax_option="+xi") as pacs:
+    with StoreSCP(tmp_path / "pacs", ae_title="PACS", syntaxes="+xi") as pacs:
         config = write_gateway_config(tmp_path, pacs.port, "PACS")
         later = us_images(tmp_path / "us", 1)
         with gateway(config) as gw:

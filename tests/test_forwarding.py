@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_harness import GatewayThread, write_config
+from gateway_harness import GatewayThread, destination_config, write_config
 from peers import Peers, free_port, make_us_image, run_dcmsend, run_storescu
 from pydicom import dcmread
 
@@ -48,19 +48,6 @@ rules:
   - name: everything-to-prod
     destinations: [PACS_PROD]
 """
-
-
-def destination(port: int, ae_title: str, **options: Any) -> dict[str, Any]:
-    retry = {"base_delay": 0.05, "max_delay": 0.5}
-    return {
-        "ae_title": ae_title,
-        "host": HOST,
-        "port": port,
-        "connect_timeout": 5.0,
-        "dimse_timeout": 15.0,
-        "retry": retry,
-        **options,
-    }
 
 
 def gateway_settings(
@@ -145,8 +132,8 @@ def test_routes_by_calling_ae_and_every_dataset_arrives_byte_identical(
     settings = gateway_settings(
         tmp_path,
         {
-            "PACS_TEST": destination(test_pacs.port, "TESTPACS"),
-            "PACS_PROD": destination(prod_pacs.port, "PRODPACS"),
+            "PACS_TEST": destination_config(test_pacs.port, "TESTPACS"),
+            "PACS_PROD": destination_config(prod_pacs.port, "PRODPACS"),
         },
         ROOM3_RULES,
     )
@@ -194,7 +181,8 @@ def test_orthanc_as_prod_pacs_holds_every_instance_in_its_own_transfer_syntax(
         ds = dcmread(path, stop_before_pixels=True)
         expected[str(ds.SOPInstanceUID)] = str(ds.file_meta.TransferSyntaxUID)
     assert len(expected) == len(files), "the chosen samples must have distinct SOP Instance UIDs"
-    settings = gateway_settings(tmp_path, {"PACS_PROD": destination(orthanc.port, "ORTHANC")}, PROD_RULES)
+    prod = destination_config(orthanc.port, "ORTHANC")
+    settings = gateway_settings(tmp_path, {"PACS_PROD": prod}, PROD_RULES)
 
     with GatewayThread(settings) as gw:
         result = run_dcmsend(gw.port, files, calling_ae="CT_ROOM1", called_ae=GATEWAY_AE)
@@ -220,8 +208,8 @@ def test_a_destination_that_is_down_loses_nothing_and_does_not_delay_the_other(
     settings = gateway_settings(
         tmp_path,
         {
-            "PACS_TEST": destination(test_pacs.port, "TESTPACS"),
-            "PACS_PROD": destination(prod_port, "PRODPACS"),
+            "PACS_TEST": destination_config(test_pacs.port, "TESTPACS"),
+            "PACS_PROD": destination_config(prod_port, "PRODPACS"),
         },
         BOTH_RULES,
     )

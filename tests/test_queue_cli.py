@@ -12,12 +12,11 @@ import collections
 import json
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_harness import GatewayThread, write_config
+from gateway_harness import GatewayThread, destination_config, write_config
 from peers import HOST, Peers, StoreSCP, make_us_image, run_dcmsend, run_storescu
 from pydicom import dcmread
 
@@ -51,18 +50,6 @@ def fast_rescan(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(forwarder, "RESCAN", 0.2)
 
 
-@dataclass
-class SyntaxStoreSCP(StoreSCP):
-    """DCMTK storescp with another transfer syntax policy than ``+xa``: ``+x=`` (uncompressed)."""
-
-    syntax_option: str = "+x="
-
-    def argv(self) -> list[str]:
-        args = super().argv()
-        args[args.index("+xa")] = self.syntax_option
-        return args
-
-
 class Queue:
     """``dicom-gateway queue ...`` with one config; returns (exit code, stdout, stderr)."""
 
@@ -87,18 +74,6 @@ def write_gateway_config(tmp_path: Path, test_port: int, prod_port: int) -> Path
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
     (rules_dir / "10-rooms.yaml").write_text(ROOM3_ONLY, encoding="utf-8")
-    retry = {"base_delay": 0.05, "max_delay": 0.5}
-
-    def pacs(ae_title: str, port: int) -> dict[str, Any]:
-        return {
-            "ae_title": ae_title,
-            "host": HOST,
-            "port": port,
-            "connect_timeout": 5.0,
-            "dimse_timeout": 15.0,
-            "retry": retry,
-        }
-
     return write_config(
         tmp_path / "gateway.yaml",
         {
@@ -110,8 +85,8 @@ def write_gateway_config(tmp_path: Path, test_port: int, prod_port: int) -> Path
             "rules_dir": str(rules_dir),
             "shutdown_timeout": 2.0,
             "destinations": {
-                "PACS_TEST": pacs("TESTPACS", test_port),
-                "PACS_PROD": pacs("PRODPACS", prod_port),
+                "PACS_TEST": destination_config(test_port, "TESTPACS"),
+                "PACS_PROD": destination_config(prod_port, "PRODPACS"),
             },
         },
     )
@@ -153,8 +128,8 @@ def test_queue_commands_beside_a_running_gateway(
     room9 = us_images(tmp_path / "room9", 2, first_seed=50)
     jpeg = sample_files["jpeg_baseline"]
     with (
-        SyntaxStoreSCP(tmp_path / "test-plain", ae_title="TESTPACS") as test_plain,
-        SyntaxStoreSCP(tmp_path / "prod", ae_title="PRODPACS") as prod_pacs,
+        StoreSCP(tmp_path / "test-plain", ae_title="TESTPACS", syntaxes="+x=") as test_plain,
+        StoreSCP(tmp_path / "prod", ae_title="PRODPACS", syntaxes="+x=") as prod_pacs,
     ):
         config = write_gateway_config(tmp_path, test_plain.port, prod_pacs.port)
         settings = load_settings(config)
