@@ -94,9 +94,11 @@ def read_header(data: bytes, transfer_syntax: str, keywords: Iterable[str], *,
     try:
         dataset = read_dataset(stream, implicit, little, stop_when=stop_when)
     except Exception as exc:  # pydicom raises many types on bad bytes; translated here
+        # only the type: pydicom's messages may quote element values (patient data), and this
+        # message reaches the log
         if not complete:
-            raise PrefixTooShort(str(exc)) from None
-        raise HeaderUnreadable(f"cannot parse the dataset header: {exc}") from None
+            raise PrefixTooShort(type(exc).__name__) from None
+        raise HeaderUnreadable(f"cannot parse the dataset header ({type(exc).__name__})") from None
     if counted > MAX_ELEMENTS:
         raise HeaderUnreadable(f"more than {MAX_ELEMENTS} elements before the ones routing needs")
     truncated = value_end > len(data)  # the last value was cut short: never route on it
