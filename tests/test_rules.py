@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -496,7 +497,6 @@ def test_docs_schema_file_is_rules_schema() -> None:
 
 
 def test_schema_is_valid_and_agrees_with_the_loader_on_examples() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     schema = rules_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
