@@ -51,7 +51,7 @@ from pydicom.filewriter import write_dataset
 
 from gateway.dicom.negotiation import EXPLICIT_BE, IMPLICIT_LE, UNCOMPRESSED
 from gateway.dicom.requestor import NegotiatedContext, RequestorAssociation, RequestorConfig
-from gateway.errors import GatewayError, SpoolFull
+from gateway.errors import AssociationRejected, GatewayError, SpoolFull
 from gateway.explain import explain_failure, explain_status, uid_name
 from gateway.journal import Delivery
 from gateway.metrics import Metrics
@@ -408,8 +408,13 @@ class Session:
         upcoming = itertools.islice(f.queue, 2 * 128)
         pairs = [key, *((d.sop_class_uid, d.transfer_syntax) for d in upcoming)]
         proposals, self.covered = build_proposals(pairs)
-        self.association = await RequestorAssociation.open(
-            f.destination.host, f.destination.port, f.destination.ae_title, proposals, f.config)
+        try:
+            self.association = await RequestorAssociation.open(
+                f.destination.host, f.destination.port, f.destination.ae_title, proposals, f.config)
+        except AssociationRejected:
+            f.metrics.association_refused(f.name)
+            raise
+        f.metrics.association_opened("out", f.name)
         f._last_success = f.clock()
         return self.association
 
@@ -448,12 +453,15 @@ class Session:
         self.covered = set()
         if association is not None:
             await association.release()
+            self.forwarder.metrics.association_closed("out")
 
     def abort(self) -> None:
         association, self.association = self.association, None
         self.covered = set()
         if association is not None:
             association.abort()
+            self.forwarder.metrics.association_aborted("out", self.forwarder.name)
+            self.forwarder.metrics.association_closed("out")
 
 
 def convert_uncompressed(item: Delivery, syntax: str) -> bytes:

@@ -275,6 +275,10 @@ def test_a_pacs_that_rejects_our_ae_title_gets_one_attempt_then_queue_retry_deli
         listing = capsys.readouterr().out
         assert listing.count(" PACS dead attempts=1 ") == len(images)
         assert dict(gw.attempts) == {("PACS", "permanent"): len(images)}, "no retry loop"
+        assert gw.gateway is not None
+        refused = gw.gateway.registry.get_sample_value(
+            "dicomgw_associations_total", {"direction": "out", "peer": "PACS", "result": "rejected"})
+        assert refused == len(images)  # every attempt's association was refused, and counted
 
         picky_pacs.ae.require_calling_aet = []  # the PACS administrator registers DICOMGW
         assert cli.main(["queue", "retry", "PACS", "--config", str(config)]) == 0

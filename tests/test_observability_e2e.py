@@ -99,6 +99,8 @@ def test_metrics_after_real_traffic(traffic: GatewayThread) -> None:
                    outcome="delivered") == 3
     assert _sample(gw, "dicomgw_forward_attempts_total", destination="PACS_PROD",
                    outcome="transient") >= 2
+    assert _sample(gw, "dicomgw_associations_total", direction="out", peer="PACS_TEST",
+                   result="accepted") >= 1  # the forwarder's association, reused for all three
     assert _sample(gw, "dicomgw_association_rejects_total", reason="called_ae") == 1
     assert _sample(gw, "dicomgw_association_rejects_total", reason="calling_ae") == 1
     assert _sample(gw, "dicomgw_mwl_queries_total", calling_ae="US_ROOM3", outcome="success") == 1
