@@ -55,8 +55,8 @@ from gateway.errors import AssociationRejected, GatewayError, SpoolFull
 from gateway.explain import explain_failure, explain_status, uid_name
 from gateway.journal import Delivery
 from gateway.metrics import Metrics
-from gateway.retry import Outcome, Step, backoff, classify_status, next_step
-from gateway.scu import Failure, build_proposals, echo_peer, explain_peer, failure_of, outcome_of
+from gateway.retry import Outcome, Step, backoff, classify_failure, classify_status, next_step
+from gateway.scu import Failure, build_proposals, echo_peer, explain_peer, failure_of
 from gateway.settings import Destination
 from gateway.spool import Spool
 from gateway.tls import peer_ssl
@@ -362,7 +362,7 @@ class Session:
         except (GatewayError, OSError) as exc:
             self.abort()
             failure = failure_of(exc)
-            return Attempt(outcome_of(failure), None, self._explain(failure),
+            return Attempt(classify_failure(failure.kind, rj=failure.rj), None, self._explain(failure),
                            destination_failure=True)
         try:
             context, payload = await self._context_and_payload(association, item)
@@ -383,7 +383,7 @@ class Session:
         except (GatewayError, OSError) as exc:
             self.abort()
             failure = failure_of(exc)
-            return Attempt(outcome_of(failure), None, self._explain(failure))
+            return Attempt(classify_failure(failure.kind, rj=failure.rj), None, self._explain(failure))
         status = response.status if response.status is not None else 0xC000
         outcome = classify_status(status, f.destination.retry.status_overrides)
         detail = explain_status(status, f.destination.retry.status_overrides)

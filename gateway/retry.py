@@ -222,17 +222,22 @@ FAILURE_OUTCOMES: Mapping[FailureKind, Outcome] = MappingProxyType(
 )
 
 RJ_PERMANENT = 1
-RJ_TRANSIENT = 2
+NO_REASON_GIVEN = frozenset({(1, 1), (2, 1)})
+"""A-ASSOCIATE-RJ (source, reason) pairs that say nothing about why the peer refused."""
 
 
-def classify_failure(kind: FailureKind, *, rj_result: int | None = None) -> Outcome:
+def classify_failure(kind: FailureKind, *, rj: tuple[int, int, int] | None = None) -> Outcome:
     """The outcome of a failure that has no DIMSE status.
 
-    ``association_rejected`` follows the A-ASSOCIATE-RJ result: 1 (rejected-permanent) is permanent,
-    2 (rejected-transient) or an unknown result is transient.
+    ``association_rejected`` follows the A-ASSOCIATE-RJ ``rj`` (result, source, reason): result 1
+    (rejected-permanent) is permanent when it names a cause (calling AE 1,1,3, called AE 1,1,7,
+    application context, protocol version). Without a reason (source 1 or 2, reason 1) it is
+    transient: PACS send that to refuse associations for a while (DCMTK's ``storescp --refuse``,
+    maintenance modes), and dead-lettering it would turn a short refusal into one dead letter per
+    queued object. Result 2 (rejected-transient) or an unknown rejection is transient.
     """
-    if kind == "association_rejected" and rj_result == RJ_PERMANENT:
-        return "permanent"
+    if kind == "association_rejected" and rj is not None and rj[0] == RJ_PERMANENT:
+        return "transient" if rj[1:] in NO_REASON_GIVEN else "permanent"
     return FAILURE_OUTCOMES[kind]
 
 

@@ -22,13 +22,11 @@ from gateway.errors import (
     ProtocolError,
 )
 from gateway.explain import explain_failure
-from gateway.retry import FailureKind, Outcome, classify_failure
+from gateway.retry import FailureKind
 from gateway.settings import Peer
 from gateway.tls import peer_ssl
 
 MAX_CONTEXTS = 128
-NO_REASON_GIVEN = frozenset({(1, 1), (2, 1)})
-"""A-ASSOCIATE-RJ (source, reason) pairs that say nothing about why the peer refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,20 +53,6 @@ def failure_of(exc: BaseException) -> Failure:
     if isinstance(exc, OSError):
         return Failure("local_error", detail=exc.strerror or str(exc))
     return Failure("protocol_error", detail=str(exc))
-
-
-def outcome_of(failure: Failure) -> Outcome:
-    """The outcome of a failure without a DIMSE status (pure).
-
-    ``classify_failure`` decides, except for an A-ASSOCIATE-RJ *rejected-permanent* that gives no
-    reason (source 1 or 2, reason 1): PACS send that to refuse associations for a while (DCMTK's
-    ``storescp --refuse``, maintenance modes), so it is retried. Dead-lettering it would turn a
-    short refusal into one dead letter per queued object. A rejection that names its cause
-    (calling AE 1,1,3, called AE 1,1,7, application context, protocol version) stays permanent.
-    """
-    if failure.rj is not None and failure.rj[1:] in NO_REASON_GIVEN:
-        return "transient"
-    return classify_failure(failure.kind, rj_result=failure.rj[0] if failure.rj else None)
 
 
 def build_proposals(pairs: Iterable[tuple[str, str]]) -> tuple[list[ContextProposal],

@@ -279,13 +279,15 @@ def test_every_failure_kind_is_classified() -> None:
         assert classify_failure(kind) == outcome
 
 
-@pytest.mark.parametrize(("result", "outcome"), [(1, "permanent"), (2, "transient"), (None, "transient")])
-def test_association_rejected_follows_the_rj_result(result: int | None, outcome: Outcome) -> None:
-    assert classify_failure("association_rejected", rj_result=result) == outcome
+@pytest.mark.parametrize(("rj", "outcome"), [((1, 1, 7), "permanent"), ((2, 3, 2), "transient"),
+                                             ((1, 1, 1), "transient"), (None, "transient")])
+def test_association_rejected_follows_the_rj(rj: tuple[int, int, int] | None,
+                                             outcome: Outcome) -> None:
+    assert classify_failure("association_rejected", rj=rj) == outcome
 
 
-def test_rj_result_matters_only_for_rejections() -> None:
-    assert classify_failure("connection_refused", rj_result=1) == "transient"
+def test_rj_matters_only_for_rejections() -> None:
+    assert classify_failure("connection_refused", rj=(1, 1, 7)) == "transient"
 
 
 # --- next step -----------------------------------------------------------------------------------

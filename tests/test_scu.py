@@ -18,8 +18,8 @@ from gateway.errors import (
     PeerUnreachable,
     ProtocolError,
 )
-from gateway.retry import FAILURE_KINDS
-from gateway.scu import MAX_CONTEXTS, Failure, build_proposals, explain_peer, failure_of, outcome_of
+from gateway.retry import FAILURE_KINDS, classify_failure
+from gateway.scu import MAX_CONTEXTS, Failure, build_proposals, explain_peer, failure_of
 from gateway.settings import Destination
 
 US = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -185,7 +185,12 @@ def test_an_oserror_is_a_local_error_described_by_its_strerror() -> None:
     assert failure == Failure("local_error", None, "No such file or directory")
 
 
-# ------------------------------------------------------------------------------ outcome_of
+# --------------------------------------------------- failure_of + classify_failure, as the forwarder does
+
+
+def failure_of_outcome(exc: BaseException) -> str:
+    failure = failure_of(exc)
+    return classify_failure(failure.kind, rj=failure.rj)
 
 
 @pytest.mark.parametrize(
@@ -203,7 +208,7 @@ def test_an_oserror_is_a_local_error_described_by_its_strerror() -> None:
     ],
 )
 def test_rejections_are_permanent_only_when_they_name_a_cause(rj: tuple[int, int, int], outcome: str) -> None:
-    assert outcome_of(failure_of(AssociationRejected(*rj))) == outcome
+    assert failure_of_outcome(AssociationRejected(*rj)) == outcome
 
 
 @pytest.mark.parametrize(
@@ -220,7 +225,7 @@ def test_rejections_are_permanent_only_when_they_name_a_cause(rj: tuple[int, int
     ],
 )
 def test_failures_without_a_rejection_follow_the_retry_table(kind: str, outcome: str) -> None:
-    assert outcome_of(Failure(kind)) == outcome  # type: ignore[arg-type]
+    assert classify_failure(Failure(kind).kind) == outcome  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ explain_peer
