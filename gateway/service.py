@@ -134,6 +134,7 @@ class Gateway:
             tg.start_soon(self.notifier.watchdog)
             tg.start_soon(self._housekeeping)
             await self._stop.wait()
+            self.acceptor.stop_accepting()
             self.notifier.notify("STOPPING=1")
             log.info("stopping: draining associations for up to %g s", settings.shutdown_timeout)
             self.listening = False

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import yaml
 from gateway_harness import write_config
 from peers import HOST, free_port, make_us_image
 from prometheus_client.parser import text_string_to_metric_families
@@ -222,6 +223,37 @@ async def test_no_watchdog_pings_without_watchdog_usec(tmp_path: Path, notify: N
         # the next datagram after READY=1 is STOPPING=1: no WATCHDOG=1 in between
         assert notify.next() == "STOPPING=1"
         assert process.wait(TIMEOUT) == 0
+
+
+def test_sigterm_drains_an_association_in_flight_and_refuses_new_ones(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    dicom_port, http_port = free_port(), free_port()
+    config = gateway_config(tmp_path / "gw", dicom_port=dicom_port, http_port=http_port)
+    settings = yaml.safe_load(config.read_text())
+    write_config(config, {**settings, "shutdown_timeout": TIMEOUT})  # the drain outlasts the test
+    image = tmp_path / "us.dcm"
+    dataset = make_us_image(image, seed=9, rows=32, cols=32)
+    with serve(config, notify) as process:
+        notify.until("READY=1")
+        ae = AE(ae_title="DRAINED")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+        ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        association = ae.associate(HOST, dicom_port, ae_title=GATEWAY_AE)
+        assert association.is_established
+        try:
+            process.send_signal(signal.SIGTERM)
+            assert "STOPPING=1" in notify.until("STOPPING=1")[-1]
+            with pytest.raises(ConnectionRefusedError):  # no longer accepting
+                socket.create_connection((HOST, dicom_port), timeout=5).close()
+            status = association.send_c_store(dataset)  # the association in flight still works
+            assert status.Status == 0x0000
+            assert process.poll() is None  # and the gateway waits for it
+        finally:
+            association.release()
+        assert process.wait(TIMEOUT) == 0
+    objects = list((tmp_path / "gw" / "spool" / "objects").rglob("*.dcm"))
+    assert len(objects) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,12 +65,15 @@ class Acceptor:
         self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
+        self._closing = asyncio.Event()
         self._idle.set()
 
     async def serve(self, host: str, port: int, *, ssl: SSLContext | None = None,
                     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled (with DICOM TLS when ``ssl`` is given); reports the bound port
-        through ``task_status``. Several listeners share one association limit."""
+        """Listen until ``stop_accepting`` or cancellation (with DICOM TLS when ``ssl`` is given);
+        reports the bound port through ``task_status``. Several listeners share one association
+        limit. Returning normally on ``stop_accepting`` matters: a listener that raised
+        CancelledError would cancel its task group and with it the drain of associations in flight."""
         server = await asyncio.start_server(
             self._on_connection, host, port, reuse_address=True, backlog=128, ssl=ssl,
             ssl_handshake_timeout=self.config.artim_timeout if ssl is not None else None)
@@ -80,14 +83,19 @@ class Acceptor:
                  self.config.ae_title)
         task_status.started(bound)
         try:
-            await server.serve_forever()
+            await self._closing.wait()  # the server accepts on its own (start_serving)
         finally:
+            server.close()
+
+    def stop_accepting(self) -> None:
+        """Close every listener; associations in flight carry on."""
+        self._closing.set()
+        for server in self._servers:
             server.close()
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let associations in flight finish for ``timeout`` s, then abort them."""
-        for server in self._servers:
-            server.close()
+        self.stop_accepting()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
