@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -57,11 +58,34 @@ def tool(name: str) -> str:
     return path
 
 
+_LOWEST_PORT = 20000
+_PICK = random.SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    It is drawn below the kernel's ephemeral range: a port the kernel hands out for ``bind(0)`` is
+    also what it hands out to outgoing connections, so between picking it and the server binding it
+    a client socket (a forwarder, storescu) could take it ("address already in use").
+    """
+    highest = _ephemeral_low() - 1
+    for _ in range(200):
+        port = _PICK.randint(_LOWEST_PORT, highest)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {_LOWEST_PORT} and {highest} on {HOST}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def peer_env() -> dict[str, str]:

@@ -52,7 +52,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from bench import servers
+
 HOST = "127.0.0.1"
+free_port = servers.free_port  # one implementation, shared with the benchmark runner
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -117,14 +120,6 @@ def fail_skipped_peer_test(report: pytest.TestReport, *, marked_peer: bool) -> N
     if running_in_ci() and marked_peer and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"peer test skipped under CI=true (install what it needs): {report.longrepr}"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def peer_env() -> dict[str, str]:
