@@ -125,7 +125,7 @@ class Spool:
         self._journal = Journal(
             self._root / JOURNAL_NAME, self._root, retention_seconds=retention_seconds
         )
-        self._ledger = Ledger(self._journal, self._root)
+        self._ledger = Ledger(self._journal, self._root, self._recycle)
         self._health = SpoolHealth(
             self._root, self._fs, max_bytes=max_bytes, min_free_fraction=min_free_fraction,
             track=self._track,
@@ -278,6 +278,10 @@ class Spool:
         if self._fsyncs is None or not self._spares.claim_refill():
             return
         self._fsyncs.submit(self._make_spares)
+
+    def _recycle(self, path: Path) -> bool:
+        """Any spool thread: a released object file becomes a spare while the spool ingests."""
+        return self._ingest and self._spares.recycle(path)
 
     def _make_spares(self) -> None:
         """An fsync thread: see ``SpareFiles.refill``."""

@@ -28,8 +28,10 @@ SWEEP_CHUNK = 500  # rows per expiry or prune transaction
 class Ledger:
     """The spool's journal, its lock and its byte count (shared by the spool's threads)."""
 
-    def __init__(self, journal: Journal, root: Path) -> None:
+    def __init__(self, journal: Journal, root: Path,
+                 recycle: Callable[[Path], bool] | None = None) -> None:
         self.journal = journal
+        self._recycle = recycle  # turns a released file into a spare instead (True: it did)
         self.lock = threading.Lock()  # one journal call at a time, whichever thread makes it
         self.stored_bytes = 0  # SUM(size) of rows with a file: written only holding the lock
         self._root = root
@@ -53,8 +55,11 @@ class Ledger:
     def unlink(self, refs: Sequence[FileRef]) -> None:
         """Delete files a committed, durable transaction released (outside the lock)."""
         for ref in refs:
+            path = self._root / ref.path
+            if self._recycle is not None and self._recycle(path):
+                continue
             try:
-                os.unlink(self._root / ref.path)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as exc:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["PREFIX_BYTES", "InstanceMeta", "SpoolWriter", "StoredInstance", "new_instance"]
 
 PREFIX_BYTES = 64 * 1024
+WRITEBACK_BYTES = 256 * 1024  # start writing to disk every this many bytes (see start_writeback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class SpoolWriter:
         self.tmp_path = tmp_path
         self.dataset_offset = offset
         self.size = 0  # bytes in the file so far, header included
+        self._written_back = 0  # bytes whose writeback was started
         self._prefix = bytearray()
         self._error: OSError | None = None
         self._finished = False
@@ -91,6 +93,9 @@ class SpoolWriter:
         finally:
             self.size += done
             self._spool._inflight_bytes += done
+        if self.size - self._written_back >= WRITEBACK_BYTES and self._error is None:
+            fs.start_writeback(self._fd, self._written_back, self.size - self._written_back)
+            self._written_back = self.size
 
     async def commit(
         self, destinations: Sequence[str], matched_rules: Sequence[str]

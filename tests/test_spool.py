@@ -42,6 +42,7 @@ from gateway.spool import (
     SpoolWriter,
     StoredInstance,
 )
+from gateway.spool_writer import WRITEBACK_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -74,6 +75,7 @@ class FakeFS(FileSystem):
         self.failing_files: set[Path] = set()  # fsync of these files raises EIO
         self.synced: list[Path] = []  # every file and directory fsync'd, in order
         self.opened: list[Path] = []  # every file created, in order
+        self.writebacks: list[tuple[int, int]] = []  # (offset, length) of every start_writeback
 
     def _check(self, operation: str) -> None:
         code = self.errors.get(operation)
@@ -110,6 +112,10 @@ class FakeFS(FileSystem):
     def replace(self, src: str, dst: str) -> None:
         self._check("replace")
         super().replace(src, dst)
+
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        self.writebacks.append((offset, length))
+        super().start_writeback(fd, offset, length)
 
     def statvfs(self, path: str) -> os.statvfs_result:
         if self.free_fraction is None:
@@ -288,6 +294,57 @@ async def test_temp_files_are_created_ahead_off_the_event_loop(spool: Spool, fs:
     assert stored.path.read_bytes()[stored.dataset_offset :] == dataset_bytes("1.2.3.2")
     await spool.close()
     assert files_under(spool.root / "spare") == []  # closing removes the spares
+
+
+async def test_writeback_starts_while_receiving_in_contiguous_steps(
+    spool: Spool, fs: FakeFS
+) -> None:
+    body = dataset_bytes("1.2.3.1", pixels=1 << 20)
+    stored = await store(spool, "1.2.3.1", data=body, chunk=1000)
+
+    offsets = [offset for offset, _ in fs.writebacks]
+    assert offsets[0] == 0 and len(fs.writebacks) >= 3
+    assert all(WRITEBACK_BYTES <= length < WRITEBACK_BYTES + 1000 for _, length in fs.writebacks)
+    assert stored.size - sum(fs.writebacks[-1]) < WRITEBACK_BYTES  # all but the tail started
+    assert all(o + n == after for (o, n), after in zip(fs.writebacks, offsets[1:], strict=False))
+    assert stored.path.read_bytes()[stored.dataset_offset:] == body
+
+
+async def test_a_released_file_becomes_a_spare_that_a_later_object_overwrites(
+    make_spool: Callable[..., Spool], fs: FakeFS
+) -> None:
+    spool = make_spool(release_delay=3600.0)
+    await spool.open()
+    loop = asyncio.get_running_loop()
+    recycled = asyncio.Event()
+    real_recycle = spool._spares.recycle
+
+    def recycle(path: Path) -> bool:
+        done = real_recycle(path)
+        loop.call_soon_threadsafe(recycled.set)
+        return done
+
+    spool._spares.recycle = recycle  # type: ignore[method-assign]
+    first = await store(spool, "1.2.3.1", data=dataset_bytes("1.2.3.1", pixels=1 << 16))
+    inode = first.path.stat().st_ino
+    await spool.record_attempt(first.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
+                               dead=False)
+    await store(spool, "1.2.3.2")  # its FULL transaction releases the first file
+    async with asyncio.timeout(TIMEOUT):
+        await recycled.wait()
+
+    assert not first.path.exists()
+    (spare,) = [p for p in files_under(spool.root / "spare") if p.stat().st_ino == inode]
+    assert spare.stat().st_size == 0  # truncated: nothing of the first object is left
+    for i in range(SPARE_FILES + 1):  # the spares queue in order: the recycled one comes up
+        small = dataset_bytes(f"1.2.4.{i}")
+        stored = await store(spool, f"1.2.4.{i}", data=small)
+        assert stored.path.read_bytes()[stored.dataset_offset:] == small
+        if stored.path.stat().st_ino == inode:
+            break
+    else:
+        raise AssertionError("the recycled file was never used")
+    assert stored.path.stat().st_size == stored.size < first.size
 
 
 async def test_abort_leaves_nothing_behind(spool: Spool) -> None:
