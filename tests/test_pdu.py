@@ -6,11 +6,12 @@ same values, and what it encodes we must decode.
 
 from __future__ import annotations
 
+import io
 import struct
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_AC as PynetdicomAC
 from pynetdicom.pdu import A_ASSOCIATE_RQ as PynetdicomRQ
@@ -24,6 +25,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context
 
 from gateway.dicom import pdu
+from gateway.dicom.requestor import SEND_BLOCK, read_pdus
 from gateway.errors import ProtocolError
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -321,3 +323,46 @@ def test_unknown_items_and_sub_items_are_skipped() -> None:
     decoded = pdu.decode_associate_rq(body)
     assert decoded.user_info.max_pdu == 0x8000  # the later user information item wins
     assert [c.id for c in decoded.contexts] == [1, 3, 5]
+
+
+def split_pdus(stream: bytes) -> list[tuple[int, int, bytes]]:
+    """(context id, control header, fragment) of every PDV in a stream of P-DATA-TF PDUs."""
+    found, offset = [], 0
+    while offset < len(stream):
+        pdu_type, length = pdu.HEADER.unpack_from(stream, offset)
+        assert pdu_type == pdu.P_DATA_TF
+        body = memoryview(stream)[offset + 6 : offset + 6 + length]
+        found += [(c, ctl, bytes(f)) for c, ctl, f in pdu.iter_pdvs(body)]
+        offset += 6 + length
+    return found
+
+
+def framed(data: bytes, size: int, announced: int | None = None) -> list[bytes]:
+    """The blocks ``read_pdus`` produces for a file holding ``data``."""
+    handle, blocks, last = io.BytesIO(data), [], False
+    remaining = len(data) if announced is None else announced
+    while not last:
+        block, remaining, last = read_pdus(handle, 3, size, remaining)
+        blocks.append(bytes(block))
+    return blocks
+
+
+@settings(deadline=None, max_examples=60)
+@given(length=st.integers(0, 3 * SEND_BLOCK), size=st.sampled_from([7, 16378, 16384, 262138]))
+def test_read_pdus_frames_a_file_into_pdvs_that_reassemble_it(length: int, size: int) -> None:
+    length = min(length, 600 * size)  # tiny PDVs: a short file keeps the example fast
+    data = bytes(range(251)) * (length // 251) + bytes(range(length % 251))
+    blocks = framed(data, size)
+    pdvs = split_pdus(b"".join(blocks))
+
+    assert b"".join(fragment for _, _, fragment in pdvs) == data
+    assert [control for _, control, _ in pdvs] == [0] * (len(pdvs) - 1) + [2]
+    assert all(context == 3 and len(fragment) <= size for context, _, fragment in pdvs)
+    assert all(len(block) <= SEND_BLOCK + (SEND_BLOCK // size + 1) * pdu.PDATA_HEADER_BYTES
+               for block in blocks)
+    assert len(pdvs) == max(1, -(-length // size))  # an empty dataset is one empty last PDV
+
+
+def test_read_pdus_ends_early_when_the_file_is_shorter_than_announced() -> None:
+    pdvs = split_pdus(b"".join(framed(b"x" * 25, 10, announced=100)))
+    assert [(control, len(fragment)) for _, control, fragment in pdvs] == [(0, 10), (0, 10), (2, 5)]

@@ -169,6 +169,9 @@ def encode_abort(source: int = ABORT_SOURCE_USER, reason: int = ABORT_REASON_NOT
     return _pdu(ABORT, bytes((0, 0, source, reason)))
 
 
+PDATA_HEADER_BYTES = 12  # PDU header (6) + PDV item length (4), context id, control header
+
+
 def pdata_header(context_id: int, control: int, length: int) -> bytes:
     """Header of a P-DATA-TF PDU holding exactly one PDV of ``length`` data bytes."""
     return HEADER.pack(P_DATA_TF, length + 6) + PDV_HEADER.pack(length + 2, context_id, control)
