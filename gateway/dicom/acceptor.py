@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from gateway.dicom import dimse, pdu
-from gateway.dicom.channel import Channel
+from gateway.dicom.channel import Channel, PduProtocol, receive_capacity
 from gateway.dicom.events import (
     AssociationInfo,
     DatasetSink,
@@ -74,8 +74,8 @@ class Acceptor:
         reports the bound port through ``task_status``. Several listeners share one association
         limit. Returning normally on ``stop_accepting`` matters: a listener that raised
         CancelledError would cancel its task group and with it the drain of associations in flight."""
-        server = await asyncio.start_server(
-            self._on_connection, host, port, reuse_address=True, backlog=128, ssl=ssl,
+        server = await asyncio.get_running_loop().create_server(
+            self._protocol, host, port, reuse_address=True, backlog=128, ssl=ssl,
             ssl_handshake_timeout=self.config.artim_timeout if ssl is not None else None)
         self._servers.append(server)
         bound = server.sockets[0].getsockname()[1]
@@ -104,26 +104,31 @@ class Acceptor:
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=5)
 
-    async def _on_connection(self, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _protocol(self) -> PduProtocol:
+        return PduProtocol(receive_capacity(self.config.max_pdu), self._accept)
+
+    def _accept(self, protocol: PduProtocol) -> None:
+        """A connection was made (TLS: after the handshake): one task per association."""
+        task = asyncio.get_running_loop().create_task(self._on_connection(protocol))
         self._connections.add(task)
         self._idle.clear()
-        association = AcceptorAssociation(self, reader, writer)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        if not self._connections:
+            self._idle.set()
+
+    async def _on_connection(self, protocol: PduProtocol) -> None:
+        association = AcceptorAssociation(self, protocol)
         try:
             await association.run()
         except asyncio.CancelledError:
-            # drain() gave up on this association: tell the peer, and end the task normally, since
-            # asyncio's start_server (3.11) calls task.exception() on it, which raises if cancelled
+            # drain() gave up on this association: tell the peer, and end the task normally
             association.channel.abort(pdu.ABORT_SOURCE_PROVIDER, pdu.ABORT_REASON_NOT_SPECIFIED)
         except Exception:  # the one catch-all of the acceptor: an association never kills the server
             log.exception("internal error on an inbound association; it was aborted")
             association.channel.abort(pdu.ABORT_SOURCE_PROVIDER, pdu.ABORT_REASON_NOT_SPECIFIED)
-        finally:
-            self._connections.discard(task)
-            if not self._connections:
-                self._idle.set()
 
     def evaluate(self, rq: pdu.AssociateRQ, peer_ip: str) -> Rejection | None:
         """Decide A-ASSOCIATE-AC or -RJ (result, source, reason per PS3.8 table 9-21)."""
@@ -144,13 +149,12 @@ class Acceptor:
 class AcceptorAssociation:
     """One inbound association, from transport open to close."""
 
-    def __init__(self, acceptor: Acceptor, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(self, acceptor: Acceptor, protocol: PduProtocol) -> None:
         self.acceptor = acceptor
         self.config = acceptor.config
         self.services = acceptor.services
-        self.channel = Channel(reader, writer, max_pdu=self.config.max_pdu, state=State.STA1)
-        peer = writer.get_extra_info("peername") or ("", 0)
+        self.channel = Channel(protocol, max_pdu=self.config.max_pdu, state=State.STA1)
+        peer = self.channel.transport.get_extra_info("peername") or ("", 0)
         self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
         self.info: AssociationInfo | None = None
         self._command = bytearray()

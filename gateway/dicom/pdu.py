@@ -227,7 +227,7 @@ def _parse_header(body: memoryview, what: str) -> tuple[int, str, str]:
     return version, _text(body[4:20]), _text(body[20:36])
 
 
-def decode_associate_rq(body: bytes) -> AssociateRQ:
+def decode_associate_rq(body: bytes | memoryview) -> AssociateRQ:
     view = memoryview(body)
     version, called, calling = _parse_header(view, "A-ASSOCIATE-RQ")
     app_context = ""
@@ -255,7 +255,7 @@ def _parse_proposal(item: memoryview) -> ContextProposal:
     return ContextProposal(item[0], abstract, tuple(syntaxes))
 
 
-def decode_associate_ac(body: bytes) -> AssociateAC:
+def decode_associate_ac(body: bytes | memoryview) -> AssociateAC:
     view = memoryview(body)
     _, called, calling = _parse_header(view, "A-ASSOCIATE-AC")
     app_context = ""
@@ -275,13 +275,13 @@ def decode_associate_ac(body: bytes) -> AssociateAC:
     return AssociateAC(called, calling, app_context, tuple(results), info)
 
 
-def decode_associate_rj(body: bytes) -> AssociateRJ:
+def decode_associate_rj(body: bytes | memoryview) -> AssociateRJ:
     if len(body) < 4:
         raise ProtocolError("A-ASSOCIATE-RJ is shorter than 4 bytes")
     return AssociateRJ(body[1], body[2], body[3])
 
 
-def decode_abort(body: bytes) -> tuple[int, int]:
+def decode_abort(body: bytes | memoryview) -> tuple[int, int]:
     """(source, reason) of an A-ABORT."""
     if len(body) < 4:
         return ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED

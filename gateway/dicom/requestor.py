@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.dicom import dimse, pdu
-from gateway.dicom.channel import Channel
+from gateway.dicom.channel import Channel, PduProtocol, receive_capacity
 from gateway.dicom.fsm import Action, Event, State
 from gateway.dicom.sending import fragment_size, send_message
 from gateway.errors import (
@@ -69,8 +69,8 @@ class RequestorAssociation:
     async def open(cls, host: str, port: int, called_ae: str,
                    proposals: Sequence[pdu.ContextProposal],
                    config: RequestorConfig) -> RequestorAssociation:
-        reader, writer = await _connect(host, port, config.connect_timeout, config.ssl)
-        channel = Channel(reader, writer, max_pdu=config.max_pdu, state=State.STA4)
+        protocol = await _connect(host, port, config)
+        channel = Channel(protocol, max_pdu=config.max_pdu, state=State.STA4)
         try:
             return await cls._negotiate(channel, called_ae, proposals, config)
         except BaseException:
@@ -267,13 +267,15 @@ def read_pdus(handle: Readable, context_id: int, size: int,
     return buffer, remaining, last
 
 
-async def _connect(host: str, port: int, timeout: float,
-                   context: ssl.SSLContext | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(host: str, port: int, config: RequestorConfig) -> PduProtocol:
+    context, timeout = config.ssl, config.connect_timeout
     hostname = host if context is not None and context.check_hostname else None
+    capacity = receive_capacity(config.max_pdu)
     try:
         async with asyncio.timeout(timeout):
-            return await asyncio.open_connection(host, port, ssl=context,
-                                                 server_hostname=hostname)
+            _, protocol = await asyncio.get_running_loop().create_connection(
+                lambda: PduProtocol(capacity), host, port, ssl=context, server_hostname=hostname)
+            return protocol
     except ssl.SSLError as exc:
         raise PeerUnreachable(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}",
                               "tls_error") from None
