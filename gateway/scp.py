@@ -1,19 +1,22 @@
 """The gateway's services behind the acceptor: C-ECHO, durable C-STORE ingest, and the MWL proxy.
 
-A C-STORE's dataset bytes go straight into a spool temp file as they arrive. When the last fragment
-is in, the header (only the elements the rules read) is parsed from the buffered prefix, the routing
-decision is made (pure), and the spool commits file + journal row + deliveries. Only then is Success
+A C-STORE's dataset bytes go straight into a spool temp file as they arrive. The header (only the
+elements the rules read) is parsed from the buffered prefix and the routing decision made (pure) as
+soon as the prefix is complete, while the rest is still arriving (or, for a small dataset, when the
+last fragment is in); then the spool commits file + journal row + deliveries. Only then is Success
 answered. Anything that goes wrong answers a failure status; nothing is ever answered Success early.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 import anyio
+from pydicom.dataset import Dataset
 
 from gateway.dicom import dimse
 from gateway.dicom.events import (
@@ -35,6 +38,7 @@ from gateway.header import (
 from gateway.metrics import Metrics
 from gateway.routing import Decision, RuleSet, route
 from gateway.spool import InstanceMeta, Spool, SpoolWriter, StoredInstance
+from gateway.spool_writer import PREFIX_BYTES
 
 log = logging.getLogger("gateway.scp")
 
@@ -72,18 +76,29 @@ class Ingest:
             writer, refusal = None, str(exc)
         return StoreSink(self, info, request, writer, refusal)
 
+    def decide_from_prefix(self, writer: SpoolWriter, request: StoreRequest,
+                           info: AssociationInfo, size: int) -> Decision:
+        """Route on the header parsed from the buffered prefix (no I/O). Raises PrefixTooShort
+        when the header reaches beyond the prefix, HeaderUnreadable when it does not parse."""
+        ruleset = self.rules.current
+        prefix = writer.prefix
+        dataset = read_header(prefix, request.transfer_syntax, ruleset.keywords | ALWAYS_READ,
+                              complete=size <= len(prefix))
+        return self._route(dataset, ruleset, info)
+
     async def decide(self, writer: SpoolWriter, request: StoreRequest, info: AssociationInfo,
                      size: int) -> Decision:
-        ruleset = self.rules.current
-        keywords = ruleset.keywords | ALWAYS_READ
-        prefix = writer.prefix
         try:
-            dataset = read_header(prefix, request.transfer_syntax, keywords,
-                                  complete=size <= len(prefix))
+            return self.decide_from_prefix(writer, request, info, size)
         except PrefixTooShort:  # a long header: parse it from the file, off the event loop
+            ruleset = self.rules.current
             dataset = await anyio.to_thread.run_sync(
                 read_header_file, writer.tmp_path, writer.dataset_offset,
-                request.transfer_syntax, keywords)
+                request.transfer_syntax, ruleset.keywords | ALWAYS_READ)
+            return self._route(dataset, ruleset, info)
+
+    @staticmethod
+    def _route(dataset: Dataset, ruleset: RuleSet, info: AssociationInfo) -> Decision:
         if "SOPClassUID" not in dataset:
             raise HeaderUnreadable("the dataset has no SOP Class UID")
         header = header_from_dataset(dataset, ruleset.keywords, calling_ae=info.calling_ae,
@@ -94,7 +109,8 @@ class Ingest:
 class StoreSink:
     """One C-STORE in progress (implements ``gateway.dicom.events.DatasetSink``)."""
 
-    __slots__ = ("info", "ingest", "refusal", "request", "size", "started", "writer")
+    __slots__ = ("decision", "info", "ingest", "refusal", "request", "size", "started", "tried",
+                 "writer")
 
     def __init__(self, ingest: Ingest, info: AssociationInfo, request: StoreRequest,
                  writer: SpoolWriter | None, refusal: str) -> None:
@@ -102,11 +118,25 @@ class StoreSink:
         self.writer, self.refusal = writer, refusal
         self.size = 0
         self.started = time.perf_counter()
+        self.decision: Decision | None = None  # made early, once the prefix was complete
+        self.tried = False  # whether an early decision was attempted
 
     def write(self, data: memoryview) -> None:
         self.size += len(data)
-        if self.writer is not None:
-            self.writer.write(data)
+        writer = self.writer
+        if writer is not None:
+            writer.write(data)
+            if not self.tried and self.size > PREFIX_BYTES:  # the prefix is all there
+                self._decide_early(writer)
+
+    def _decide_early(self, writer: SpoolWriter) -> None:
+        """Route while the rest of the dataset is still arriving, off the path between the last
+        fragment and the response. It is the call ``finish`` would make (a prefix of a larger
+        dataset), made sooner; anything but a decision is left for ``finish`` to meet again."""
+        self.tried = True
+        with contextlib.suppress(PrefixTooShort, HeaderUnreadable):
+            self.decision = self.ingest.decide_from_prefix(writer, self.request, self.info,
+                                                           self.size)
 
     async def finish(self) -> tuple[int, str]:
         status, comment = await self._finish()
@@ -126,7 +156,9 @@ class StoreSink:
             writer.abort()
             return dimse.OUT_OF_RESOURCES, "spool write failed"
         try:
-            decision = await self.ingest.decide(writer, self.request, self.info, self.size)
+            decision = self.decision
+            if decision is None:
+                decision = await self.ingest.decide(writer, self.request, self.info, self.size)
         except HeaderUnreadable as exc:
             writer.abort()
             log.warning("C-STORE %s from %s is not a readable dataset: %s",
