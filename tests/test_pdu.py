@@ -6,8 +6,9 @@ same values, and what it encodes we must decode.
 
 from __future__ import annotations
 
-import io
+import os
 import struct
+import tempfile
 from typing import Any
 
 import pytest
@@ -339,11 +340,14 @@ def split_pdus(stream: bytes) -> list[tuple[int, int, bytes]]:
 
 def framed(data: bytes, size: int, announced: int | None = None) -> list[bytes]:
     """The blocks ``read_pdus`` produces for a file holding ``data``."""
-    handle, blocks, last = io.BytesIO(data), [], False
+    blocks, last = [], False
     remaining = len(data) if announced is None else announced
-    while not last:
-        block, remaining, last = read_pdus(handle, 3, size, remaining)
-        blocks.append(bytes(block))
+    with tempfile.TemporaryFile() as handle:
+        handle.write(data)
+        handle.seek(0)
+        while not last:
+            block, remaining, last = read_pdus(handle.fileno(), 3, size, remaining)
+            blocks.append(bytes(block))
     return blocks
 
 
@@ -366,3 +370,21 @@ def test_read_pdus_frames_a_file_into_pdvs_that_reassemble_it(length: int, size:
 def test_read_pdus_ends_early_when_the_file_is_shorter_than_announced() -> None:
     pdvs = split_pdus(b"".join(framed(b"x" * 25, 10, announced=100)))
     assert [(control, len(fragment)) for _, control, fragment in pdvs] == [(0, 10), (0, 10), (2, 5)]
+
+
+def test_read_pdus_reads_a_block_of_small_pdvs_with_one_system_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    real_readv = os.readv
+
+    def readv(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        return real_readv(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", readv)
+    data = bytes(range(256)) * 4096  # 1 MiB: four blocks of sixteen 16 KiB PDVs
+    pdvs = split_pdus(b"".join(framed(data, 16384)))
+
+    assert calls == [16, 16, 16, 16]
+    assert b"".join(fragment for _, _, fragment in pdvs) == data

@@ -16,7 +16,6 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from gateway.dicom import dimse, pdu
 from gateway.dicom.channel import Channel, PduProtocol, receive_capacity
@@ -32,6 +31,7 @@ from gateway.errors import (
 
 MAX_RESPONSE_DATASET = 64 * 1024 * 1024
 SEND_BLOCK = 256 * 1024  # dataset bytes framed and handed to the transport at once
+MAX_SLOTS = 1024  # PDVs per block at most (IOV_MAX on Linux: the slots of one readv)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +135,7 @@ class RequestorAssociation:
             handle.seek(offset)
             last = False
             while not last:
-                block, remaining, last = read_pdus(handle, context.id, size, remaining)
+                block, remaining, last = read_pdus(handle.fileno(), context.id, size, remaining)
                 self.channel.send(block)
                 await self.channel.drain(self.config.dimse_timeout)
         response, _ = await self._response(message_id)
@@ -238,32 +238,45 @@ class RequestorAssociation:
         self.channel.abort()
 
 
-class Readable(Protocol):
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
-
-
-def read_pdus(handle: Readable, context_id: int, size: int,
+def read_pdus(fd: int, context_id: int, size: int,
               remaining: int) -> tuple[bytearray, int, bool]:
-    """Read up to ``SEND_BLOCK`` dataset bytes from ``handle`` straight into P-DATA-TF PDUs of one
-    PDV of at most ``size`` bytes each, built in one buffer: one read per PDV, one transport write
-    per block, no copy of the data in Python. Returns (PDUs, bytes left, whether the last PDV is in
-    this block). An empty dataset is one empty last PDV; a file shorter than announced ends early."""
-    count = max(1, min(SEND_BLOCK // size, -(-remaining // size)))
-    buffer = bytearray(count * pdu.PDATA_HEADER_BYTES + min(remaining, count * size))
+    """Read up to ``SEND_BLOCK`` dataset bytes from ``fd`` (at its position) straight into P-DATA-TF
+    PDUs of one PDV of at most ``size`` bytes each, built in one buffer: one scatter read
+    (``readv`` into the data slots between the headers), one transport write per block, no copy of
+    the data in Python, and one system call (one release of the GIL) where a read per PDV made 16
+    with 16 KiB PDUs. Returns (PDUs, bytes left, whether the last PDV is in this block). An empty
+    dataset is one empty last PDV; a file shorter than announced ends early."""
+    header = pdu.PDATA_HEADER_BYTES
+    count = max(1, min(SEND_BLOCK // size, MAX_SLOTS, -(-remaining // size)))
+    wants = [max(0, min(size, remaining - i * size)) for i in range(count)]
+    buffer = bytearray(count * header + sum(wants))
     view = memoryview(buffer)
+    slots, position = [], header
+    for want in wants:
+        slots.append(view[position : position + want])
+        position += want + header
+    got = os.readv(fd, slots) if remaining > 0 else 0
     position, last = 0, False
-    for _ in range(count):
-        want = min(size, remaining)
-        start = position + pdu.PDATA_HEADER_BYTES
-        got = (handle.readinto(view[start : start + want]) or 0) if want else 0
-        remaining -= got
-        last = remaining <= 0 or got < want
-        view[position:start] = pdu.pdata_header(context_id, 0x02 if last else 0x00, got)
-        position = start + got
-        if last:
+    for want in wants:
+        filled = min(want, got)
+        got -= filled
+        remaining -= filled
+        last = remaining <= 0 or filled < want
+        view[position : position + header] = pdu.pdata_header(context_id, 0x02 if last else 0x00,
+                                                             filled)
+        if filled < want:  # a short file: close the gap this PDV leaves
+            buffer_end = position + header + filled
             break
+        position += header + filled
+        if last:
+            buffer_end = position
+            break
+    else:
+        buffer_end = position
+    for slot in slots:
+        slot.release()
     view.release()
-    del buffer[position:]
+    del buffer[buffer_end:]
     return buffer, remaining, last
 
 
