@@ -298,6 +298,28 @@ def machine() -> dict[str, Any]:
     }
 
 
+CREATE_PROBE_FILES = 200
+
+
+def file_create_us(directory: Path) -> float:
+    """Median µs to create one file in a fresh folder under ``directory``. On ext4 without a
+    journal it grows ~20x after many recent deletes, and the reference (storescp) creates one file
+    per image, so it is reported next to the results (docs/performance.md, "file creation")."""
+    probe = directory / "create-probe"
+    shutil.rmtree(probe, ignore_errors=True)
+    probe.mkdir(parents=True)
+    times: list[float] = []
+    try:
+        for index in range(CREATE_PROBE_FILES):
+            started = time.perf_counter()
+            fd = os.open(probe / f"{index:04d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            times.append(time.perf_counter() - started)
+            os.close(fd)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return statistics.median(times) * 1e6
+
+
 def _memory_mb() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MB
@@ -334,7 +356,9 @@ def markdown(report: Report) -> str:
     out = [f"## dicom-gateway benchmark ({profile.name}: {profile.us_images} US images, "
            f"median of {report.repeats})", "",
            f"{info['nproc']} CPU ({info['cpu_model']}), Python {info['python']}, {info['dcmtk']}, "
-           f"{info['orthanc']}", "",
+           f"{info['orthanc']}; creating a file took {info.get('file_create_us_at_start', 0):.0f} µs "
+           f"at the start and {info.get('file_create_us_at_end', 0):.0f} µs at the end (it sets the "
+           "pace of the storescp rows on some disks: docs/performance.md)", "",
            "| row | n | median s | rate | MB/s | gateway CPU s (event loop) | gateway peak RSS MB "
            "| other servers (CPU s / peak RSS MB) | other load |",
            "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -435,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profiler = _profiler(out) if args.profile else None
     ctx = Context(out, profile, seed=args.seed, keep=args.keep, profiler=profiler)
     info = machine()
+    info["file_create_us_at_start"] = file_create_us(out)
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -443,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rows, failed = run(ctx, scenarios, repeats, progress)
     finally:
+        info["file_create_us_at_end"] = file_create_us(out)
         if not args.keep:
             shutil.rmtree(out / "work", ignore_errors=True)  # spools, received files: GBs
     report = Report(rows, judge(rows), failed, info, profile, repeats, [s.name for s in scenarios])

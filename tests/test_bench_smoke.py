@@ -35,6 +35,8 @@ def test_smoke_run_measures_every_scenario_and_writes_results(
     results = json.loads((tmp_path / "results.json").read_text())
     assert {"machine", "profile", "repeats", "rows", "ratios", "failed"} <= set(results)
     assert results["failed"] == {}
+    assert results["machine"]["file_create_us_at_start"] > 0
+    assert results["machine"]["file_create_us_at_end"] > 0
     assert set(results["rows"]) == SMOKE_ROWS
     for name, row in results["rows"].items():
         assert row["count"] > 0, name
