@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import itertools
 import logging
 import os
@@ -46,10 +45,12 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Python has no binding), or None off Linux. ``CDLL(None)`` is the
+    process's own symbol table, libc included (glibc or musl), without searching for a library."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").sync_file_range
+        function = ctypes.CDLL(None).sync_file_range
     except (OSError, AttributeError):
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)

@@ -310,6 +310,19 @@ async def test_writeback_starts_while_receiving_in_contiguous_steps(
     assert stored.path.read_bytes()[stored.dataset_offset:] == body
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux only")
+def test_sync_file_range_is_bound_and_accepts_a_real_file(tmp_path: Path) -> None:
+    from gateway import spool_files
+
+    assert spool_files._sync_file_range is not None
+    fd = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"x" * 8192)
+        assert spool_files._sync_file_range(fd, 0, 8192, 2) == 0
+    finally:
+        os.close(fd)
+
+
 async def test_a_released_file_becomes_a_spare_that_a_later_object_overwrites(
     make_spool: Callable[..., Spool], fs: FakeFS
 ) -> None:
