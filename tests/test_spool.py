@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from gateway import spool_files
 from gateway.errors import SpoolFull
 from gateway.journal import (
     LOST_ERROR,
@@ -312,8 +313,6 @@ async def test_writeback_starts_while_receiving_in_contiguous_steps(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux only")
 def test_sync_file_range_is_bound_and_accepts_a_real_file(tmp_path: Path) -> None:
-    from gateway import spool_files
-
     assert spool_files._sync_file_range is not None
     fd = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY, 0o600)
     try:
