@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from gateway_harness import GatewayThread
 from peers import StoreSCP, make_us_image, run_echoscu, run_storescu
+from pydicom import dcmread
 from pynetdicom import AE
 
 from gateway.errors import ConfigError
@@ -111,16 +112,21 @@ def _tls_args(pki: Pki, cert: Path, key: Path) -> list[str]:
     return ["+tls", str(key), str(cert), "+cf", str(pki.ca)]
 
 
+def pixels_by_uid(paths: list[Path]) -> dict[str, bytes]:
+    return {ds.SOPInstanceUID: ds.PixelData for ds in map(dcmread, paths)}
+
+
 @pytest.mark.peer
 def test_dcmtk_and_pynetdicom_over_mutual_tls(tmp_path: Path, pki: Pki) -> None:
-    image = tmp_path / "us.dcm"
-    make_us_image(image, 1, rows=32, cols=32)
+    images = [tmp_path / f"us-{seed}.dcm" for seed in range(3)]
+    for seed, image in enumerate(images):
+        make_us_image(image, seed)  # 640 x 480 RGB: many PDUs, back-pressure through TLS
     with GatewayThread(_settings(tmp_path, pki)) as gw:
         assert gw.bound is not None and gw.bound.dicom_port is None  # plain listener disabled
         tls = _tls_args(pki, pki.client_cert, pki.client_key)
         echo = run_echoscu(gw.tls_port, called_ae="DICOMGW", extra_args=tls)
         assert echo.returncode == 0, echo.stderr
-        store = run_storescu(gw.tls_port, [image], called_ae="DICOMGW", extra_args=tls)
+        store = run_storescu(gw.tls_port, images, called_ae="DICOMGW", extra_args=tls)
         assert store.returncode == 0, store.stderr
 
         context = ssl.create_default_context(cafile=pki.ca)
@@ -132,7 +138,8 @@ def test_dcmtk_and_pynetdicom_over_mutual_tls(tmp_path: Path, pki: Pki) -> None:
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
         assoc.release()
-    assert len(list((tmp_path / "spool" / "objects").rglob("*.dcm"))) == 1
+    stored = sorted((tmp_path / "spool" / "objects").rglob("*.dcm"))
+    assert pixels_by_uid(stored) == pixels_by_uid(images)
 
 
 @pytest.mark.peer
@@ -181,12 +188,13 @@ def test_forwarding_to_a_tls_storescp(tmp_path: Path, pki: Pki,
     settings = Settings(host="127.0.0.1", port=0, http_port=0, spool_dir=tmp_path / "spool",
                         rules_dir=rules, destinations={"PACS_TLS": Destination(
                             ae_title="PACS_TLS", host="127.0.0.1", port=pacs.port, tls=peer_tls)})
-    image = tmp_path / "us.dcm"
-    make_us_image(image, 2, rows=32, cols=32)
+    images = [tmp_path / f"us-{seed}.dcm" for seed in range(3)]
+    for seed, image in enumerate(images):
+        make_us_image(image, seed)  # 640 x 480 RGB: our sender's blocks and pauses, over TLS
     with GatewayThread(settings) as gw:
-        assert run_storescu(gw.port, [image], called_ae="DICOMGW").returncode == 0
-        gw.wait_for(lambda g: g.delivered("PACS_TLS") == 1, 60)
-    assert len(pacs.received_files()) == 1
+        assert run_storescu(gw.port, images, called_ae="DICOMGW").returncode == 0
+        gw.wait_for(lambda g: g.delivered("PACS_TLS") == len(images), 60)
+    assert pixels_by_uid(pacs.received_files()) == pixels_by_uid(images)
 
 
 def test_contexts_follow_bcp195(pki: Pki) -> None:
