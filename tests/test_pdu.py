@@ -27,6 +27,7 @@ from pynetdicom.presentation import build_context
 
 from gateway.dicom import pdu
 from gateway.dicom.requestor import SEND_BLOCK, read_pdus
+from gateway.dicom.sending import encode_message, send_message
 from gateway.errors import ProtocolError
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -388,3 +389,37 @@ def test_read_pdus_reads_a_block_of_small_pdvs_with_one_system_call(
 
     assert calls == [16, 16, 16, 16]
     assert b"".join(fragment for _, _, fragment in pdvs) == data
+
+
+def test_read_pdus_puts_a_prefix_first_in_the_same_block() -> None:
+    command = pdu.encode_pdata(3, 0x03, b"command set")
+    with tempfile.TemporaryFile() as handle:
+        handle.write(b"d" * 100)
+        handle.seek(0)
+        block, remaining, last = read_pdus(handle.fileno(), 3, 40, 100, prefix=command)
+
+    assert (remaining, last) == (0, True)
+    assert bytes(block[: len(command)]) == command
+    pdvs = split_pdus(bytes(block))
+    assert [(control, fragment) for _, control, fragment in pdvs] == [
+        (3, b"command set"), (0, b"d" * 40), (0, b"d" * 40), (2, b"d" * 20)]
+
+
+class RecordingChannel:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+
+def test_a_message_goes_to_the_transport_in_one_write() -> None:
+    channel = RecordingChannel()
+    send_message(channel, 5, b"c" * 30, b"x" * 25, peer_max_pdu=16)  # type: ignore[arg-type]
+
+    (written,) = channel.writes  # one segment with TCP_NODELAY, not one per header and fragment
+    pdvs = split_pdus(written)
+    assert b"".join(f for _, c, f in pdvs if c & 1) == b"c" * 30
+    assert b"".join(f for _, c, f in pdvs if not c & 1) == b"x" * 25
+    assert [c for _, c, _ in pdvs] == [1, 1, 3, 0, 0, 2]  # PDVs of 16 - 6 bytes
+    assert written == encode_message(5, b"c" * 30, b"x" * 25, 16)

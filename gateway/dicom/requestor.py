@@ -20,7 +20,7 @@ from pathlib import Path
 from gateway.dicom import dimse, pdu
 from gateway.dicom.channel import Channel, PduProtocol, receive_capacity
 from gateway.dicom.fsm import Action, Event, State
-from gateway.dicom.sending import fragment_size, send_message
+from gateway.dicom.sending import encode_message, fragment_size, send_message
 from gateway.errors import (
     AssociationAborted,
     AssociationRejected,
@@ -128,14 +128,18 @@ class RequestorAssociation:
                          path: Path, offset: int) -> dimse.Command:
         """Send the dataset bytes of ``path`` from ``offset`` on, as they are; return the response."""
         message_id = self._next_id()
-        self._send(context.id, dimse.store_rq(message_id, sop_class, sop_instance), None)
+        command = encode_message(context.id, dimse.store_rq(message_id, sop_class, sop_instance),
+                                 None, self.peer_max_pdu)
         size = fragment_size(self.peer_max_pdu)
         with open(path, "rb", buffering=0) as handle:
             remaining = os.fstat(handle.fileno()).st_size - offset
             handle.seek(offset)
+            self.channel.fire(Event.LOCAL_DATA)
             last = False
-            while not last:
-                block, remaining, last = read_pdus(handle.fileno(), context.id, size, remaining)
+            while not last:  # the command travels in the first block's write
+                block, remaining, last = read_pdus(handle.fileno(), context.id, size, remaining,
+                                                   prefix=command)
+                command = b""
                 self.channel.send(block)
                 await self.channel.drain(self.config.dimse_timeout)
         response, _ = await self._response(message_id)
@@ -238,25 +242,27 @@ class RequestorAssociation:
         self.channel.abort()
 
 
-def read_pdus(fd: int, context_id: int, size: int,
-              remaining: int) -> tuple[bytearray, int, bool]:
+def read_pdus(fd: int, context_id: int, size: int, remaining: int,
+              prefix: bytes = b"") -> tuple[bytearray, int, bool]:
     """Read up to ``SEND_BLOCK`` dataset bytes from ``fd`` (at its position) straight into P-DATA-TF
     PDUs of one PDV of at most ``size`` bytes each, built in one buffer: one scatter read
     (``readv`` into the data slots between the headers), one transport write per block, no copy of
     the data in Python, and one system call (one release of the GIL) where a read per PDV made 16
     with 16 KiB PDUs. Returns (PDUs, bytes left, whether the last PDV is in this block). An empty
-    dataset is one empty last PDV; a file shorter than announced ends early."""
+    dataset is one empty last PDV; a file shorter than announced ends early. ``prefix`` (PDUs
+    already framed, such as the command) goes first in the same buffer, hence the same write."""
     header = pdu.PDATA_HEADER_BYTES
     count = max(1, min(SEND_BLOCK // size, MAX_SLOTS, -(-remaining // size)))
     wants = [max(0, min(size, remaining - i * size)) for i in range(count)]
-    buffer = bytearray(count * header + sum(wants))
+    buffer = bytearray(len(prefix) + count * header + sum(wants))
+    buffer[: len(prefix)] = prefix
     view = memoryview(buffer)
-    slots, position = [], header
+    slots, position = [], len(prefix) + header
     for want in wants:
         slots.append(view[position : position + want])
         position += want + header
     got = os.readv(fd, slots) if remaining > 0 else 0
-    position, last = 0, False
+    position, last = len(prefix), False
     for want in wants:
         filled = min(want, got)
         got -= filled
