@@ -11,6 +11,7 @@ after the object was durably spooled. Server CPU is counted from readiness to th
 from __future__ import annotations
 
 import contextlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from bench.corpus import (
     Corpus,
@@ -158,8 +160,29 @@ class Scenario:
 # Helpers
 
 
-def _send(port: int, files: Sequence[Path], called_ae: str, timeout: float) -> None:
-    finish(storescu(port, files, called_ae=called_ae), "storescu", timeout)
+def _send(port: int, files: Sequence[Path], called_ae: str, timeout: float) -> float:
+    """Send ``files`` with one storescu; returns the CPU seconds storescu used."""
+    with ClientCPU() as cpu:
+        finish(storescu(port, files, called_ae=called_ae), "storescu", timeout)
+    return cpu.seconds
+
+
+class ClientCPU:
+    """CPU seconds (user + system) of the child processes reaped inside the block: the storescu
+    clients, which are not servers with a PID to read (``finish`` reaps them)."""
+
+    def __enter__(self) -> Self:
+        self.seconds = 0.0
+        self._before = _children_cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = _children_cpu() - self._before
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _stats(*servers: Server) -> dict[str, ProcessStats]:
@@ -188,22 +211,22 @@ def _relay(ctx: Context, row: str, repeat: int, work: Path, files: Sequence[Path
             Gateway(work / "gateway", destinations={"DEST": (scp.ae_title, scp.port)},
                     rules=ROUTE_ALL) as gateway, ctx.profiled(gateway, row, repeat):
         started = time.perf_counter()
-        _send(gateway.port, files, gateway.ae_title, ctx.timeout)
+        client = _send(gateway.port, files, gateway.ae_title, ctx.timeout)
         ingested = time.perf_counter() - started
         landed = landing.wait(len(files), ctx.timeout) - started
         return Sample(landed, len(files), "images", ctx.corpus.total_bytes(files),
-                      _stats(gateway, scp), {"ingest_seconds": ingested})
+                      _stats(gateway, scp), {"ingest_seconds": ingested, "client_cpu_seconds": client})
 
 
 def _direct(ctx: Context, work: Path, files: Sequence[Path]) -> Sample:
     with StoreSCP(work / "received") as scp:
         started = time.perf_counter()
-        _send(scp.port, files, scp.ae_title, ctx.timeout)
+        client = _send(scp.port, files, scp.ae_title, ctx.timeout)
         seconds = time.perf_counter() - started
         found = _count_files(scp.directory)
         if found != len(files):
             raise BenchError(f"storescp wrote {found} of {len(files)} files")
-        return _transfer(files, ctx.corpus, seconds, [scp])
+        return _transfer(files, ctx.corpus, seconds, [scp], client_cpu_seconds=client)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +243,9 @@ def ingest(ctx: Context, repeat: int) -> Rows:
     with ctx.work("ingest", repeat) as work, Gateway(work / "gateway") as gateway, \
             ctx.profiled(gateway, "ingest", repeat):
         started = time.perf_counter()
-        _send(gateway.port, files, gateway.ae_title, ctx.timeout)
+        client = _send(gateway.port, files, gateway.ae_title, ctx.timeout)
         seconds = time.perf_counter() - started
-        sample = _transfer(files, ctx.corpus, seconds, [gateway])
+        sample = _transfer(files, ctx.corpus, seconds, [gateway], client_cpu_seconds=client)
         spooled = _count_files(work / "gateway" / "spool" / "objects", "*.dcm")
         if spooled != len(files):
             raise BenchError(f"the gateway spooled {spooled} of {len(files)} objects")
@@ -243,10 +266,11 @@ def fan_out(ctx: Context, repeat: int) -> Rows:
                     destinations={"PACS_A": (a.ae_title, a.port), "PACS_B": (b.ae_title, b.port)}
                     ) as gateway, ctx.profiled(gateway, "fanout", repeat):
         started = time.perf_counter()
-        _send(gateway.port, files, gateway.ae_title, ctx.timeout)
+        client = _send(gateway.port, files, gateway.ae_title, ctx.timeout)
         ingested = time.perf_counter() - started
         landed = landing.wait(len(files), ctx.timeout) - started
-        return {"fanout": _transfer(files, ctx.corpus, landed, [gateway, a, b], ingest_seconds=ingested)}
+        return {"fanout": _transfer(files, ctx.corpus, landed, [gateway, a, b], ingest_seconds=ingested,
+                                    client_cpu_seconds=client)}
 
 
 def concurrency(ctx: Context, repeat: int) -> Rows:
@@ -269,13 +293,15 @@ def _concurrent(ctx: Context, repeat: int, row: str, *, associations: int) -> Ro
                 "ae_title": scp.ae_title, "host": HOST, "port": scp.port,
                 "associations": associations}}}) as gateway, ctx.profiled(gateway, row, repeat):
         started = time.perf_counter()
-        clients = [storescu(gateway.port, chunk, called_ae=gateway.ae_title, calling_ae=f"BENCHSCU{i}")
-                   for i, chunk in enumerate(chunks)]
-        for client in clients:
-            finish(client, "storescu", ctx.timeout)
+        with ClientCPU() as cpu:
+            clients = [storescu(gateway.port, chunk, called_ae=gateway.ae_title,
+                                calling_ae=f"BENCHSCU{i}") for i, chunk in enumerate(chunks)]
+            for client in clients:
+                finish(client, "storescu", ctx.timeout)
         ingested = time.perf_counter() - started
         landed = landing.wait(len(files), ctx.timeout) - started
-        return {row: _transfer(files, ctx.corpus, landed, [gateway, scp], ingest_seconds=ingested)}
+        return {row: _transfer(files, ctx.corpus, landed, [gateway, scp], ingest_seconds=ingested,
+                               client_cpu_seconds=cpu.seconds)}
 
 
 def peer(ctx: Context, repeat: int) -> Rows:

@@ -49,6 +49,8 @@ def test_smoke_run_measures_every_scenario_and_writes_results(
         assert gateway["cpu_seconds"] >= 0, name
     assert results["rows"]["e2e"]["servers"]["storescp"]["peak_rss_mb"] > 0
     assert results["rows"]["routing"]["extra"]["us_per_decision"] > 0
+    for name in ("reference", "ingest", "e2e"):  # storescu's own CPU, for the CPU budget of a row
+        assert results["rows"][name]["extra"]["client_cpu_seconds"] > 0, name
     ratios = {r["name"]: r for r in results["ratios"]}
     for name in ("e2e_vs_direct", "ingest_vs_direct"):
         assert ratios[name]["value"] > 0
