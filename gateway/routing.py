@@ -21,6 +21,7 @@ or stop). ``explain`` walks every rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -161,6 +162,7 @@ Address = tuple[int, int]
 """An IP address as (version, integer); IPv4-mapped IPv6 addresses are IPv4."""
 
 
+@functools.lru_cache(maxsize=4096)  # one parse per peer address, not per instance (pure)
 def parse_address(text: str) -> Address | None:
     """``text`` as an ``Address`` (a zone index, ``%eth0``, is ignored); ``None`` if it is not one."""
     try:
