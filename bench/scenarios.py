@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from bench.corpus import (
     Corpus,
@@ -100,8 +100,9 @@ class Context:
 
     def __init__(self, out: Path, profile: Profile, *, seed: int, keep: bool = False,
                  profiler: Callable[[Server, str], contextlib.AbstractContextManager[None]] | None = None,
-                 ) -> None:
+                 gateway_tree: Path | None = None) -> None:
         self.out = out
+        self.gateway_tree = gateway_tree  # None: this checkout's gateway (bench.ab sets another)
         self.profile = profile
         self.seed = seed
         self.keep = keep
@@ -137,6 +138,10 @@ class Context:
         finally:
             if not self.keep:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def gateway(self, directory: Path, **options: Any) -> Gateway:
+        """The gateway under test (from ``gateway_tree`` when set), not yet started."""
+        return Gateway(directory, tree=self.gateway_tree, **options)
 
     def profiled(self, server: Server, row: str, repeat: int) -> contextlib.AbstractContextManager[None]:
         if self.profiler is None or repeat != 0:
@@ -208,8 +213,8 @@ def _count_files(directory: Path, pattern: str = "*") -> int:
 def _relay(ctx: Context, row: str, repeat: int, work: Path, files: Sequence[Path]) -> Sample:
     """storescu -> gateway -> storescp; seconds until the last file landed."""
     with StoreSCP(work / "received") as scp, Landing([scp.directory]) as landing, \
-            Gateway(work / "gateway", destinations={"DEST": (scp.ae_title, scp.port)},
-                    rules=ROUTE_ALL) as gateway, ctx.profiled(gateway, row, repeat):
+            ctx.gateway(work / "gateway", destinations={"DEST": (scp.ae_title, scp.port)},
+                        rules=ROUTE_ALL) as gateway, ctx.profiled(gateway, row, repeat):
         started = time.perf_counter()
         client = _send(gateway.port, files, gateway.ae_title, ctx.timeout)
         ingested = time.perf_counter() - started
@@ -240,7 +245,7 @@ def reference(ctx: Context, repeat: int) -> Rows:
 
 def ingest(ctx: Context, repeat: int) -> Rows:
     files = ctx.corpus.us
-    with ctx.work("ingest", repeat) as work, Gateway(work / "gateway") as gateway, \
+    with ctx.work("ingest", repeat) as work, ctx.gateway(work / "gateway") as gateway, \
             ctx.profiled(gateway, "ingest", repeat):
         started = time.perf_counter()
         client = _send(gateway.port, files, gateway.ae_title, ctx.timeout)
@@ -262,9 +267,9 @@ def fan_out(ctx: Context, repeat: int) -> Rows:
     with ctx.work("fanout", repeat) as work, \
             StoreSCP(work / "a", ae_title="PACS_A") as a, StoreSCP(work / "b", ae_title="PACS_B") as b, \
             Landing([a.directory, b.directory]) as landing, \
-            Gateway(work / "gateway", rules=FAN_OUT,
-                    destinations={"PACS_A": (a.ae_title, a.port), "PACS_B": (b.ae_title, b.port)}
-                    ) as gateway, ctx.profiled(gateway, "fanout", repeat):
+            ctx.gateway(work / "gateway", rules=FAN_OUT,
+                        destinations={"PACS_A": (a.ae_title, a.port), "PACS_B": (b.ae_title, b.port)}
+                        ) as gateway, ctx.profiled(gateway, "fanout", repeat):
         started = time.perf_counter()
         client = _send(gateway.port, files, gateway.ae_title, ctx.timeout)
         ingested = time.perf_counter() - started
@@ -289,7 +294,7 @@ def _concurrent(ctx: Context, repeat: int, row: str, *, associations: int) -> Ro
     fork = ("--fork",) if associations > 1 else ()
     with ctx.work(row, repeat) as work, StoreSCP(work / "received", extra=fork) as scp, \
             Landing([scp.directory]) as landing, \
-            Gateway(work / "gateway", rules=ROUTE_ALL, settings={"destinations": {"DEST": {
+            ctx.gateway(work / "gateway", rules=ROUTE_ALL, settings={"destinations": {"DEST": {
                 "ae_title": scp.ae_title, "host": HOST, "port": scp.port,
                 "associations": associations}}}) as gateway, ctx.profiled(gateway, row, repeat):
         started = time.perf_counter()
@@ -334,7 +339,7 @@ def mwl(ctx: Context, repeat: int) -> Rows:
     with ctx.work("mwl", repeat) as work:
         write_worklist_files(work / "db" / "WLMSCP", items)
         with WorklistSCP(work / "db") as ris, \
-                Gateway(work / "gateway", worklist=(ris.ae_title, ris.port)) as gateway:
+                ctx.gateway(work / "gateway", worklist=(ris.ae_title, ris.port)) as gateway:
             targets = {"mwl-direct": (ris.port, ris.ae_title),
                        "mwl-gateway": (gateway.port, gateway.ae_title)}
             for name, (port, ae) in targets.items():
@@ -398,8 +403,8 @@ def _backlog(ctx: Context, repeat: int) -> Sample:
     the forwarder has filled its in-memory queue and failed an attempt, and one /metrics scrape."""
     assert ctx.backlog_spool is not None
     with ctx.work("backlog", repeat) as work, \
-            Gateway(work / "gateway", destinations={"DEST": ("NOWHERE", free_port())},
-                    settings={"spool_dir": str(ctx.backlog_spool)}) as gateway:
+            ctx.gateway(work / "gateway", destinations={"DEST": ("NOWHERE", free_port())},
+                        settings={"spool_dir": str(ctx.backlog_spool)}) as gateway:
         _wait_for_attempt(gateway, ctx.timeout)
         started = time.perf_counter()
         scrape = gateway.metrics()

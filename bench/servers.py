@@ -323,7 +323,8 @@ class Gateway(Server):
 
     def __init__(self, directory: Path, *, destinations: Mapping[str, tuple[str, int]] | None = None,
                  rules: str = "", worklist: tuple[str, int] | None = None,
-                 settings: Mapping[str, Any] | None = None) -> None:
+                 settings: Mapping[str, Any] | None = None, tree: Path | None = None) -> None:
+        """``tree``: run the gateway of another checkout of this repository (an A/B, bench.ab)."""
         self.directory = directory
         self.port = free_port()
         self.http_port = free_port()
@@ -347,10 +348,11 @@ class Gateway(Server):
         self.config_path = directory / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self._notify = directory / "notify.sock"
+        root = tree or REPO_ROOT
         env = {**os.environ, "NOTIFY_SOCKET": str(self._notify),
-               "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+               "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)]
-        super().__init__(argv, directory / "gateway.log", env=env, cwd=REPO_ROOT)
+        super().__init__(argv, directory / "gateway.log", env=env, cwd=root)
 
     def start(self) -> Self:
         with contextlib.suppress(FileNotFoundError):

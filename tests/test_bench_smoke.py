@@ -16,10 +16,11 @@ import pytest
 from peers import require_tool
 from pydicom import dcmread
 
+from bench.ab import main as ab_main
 from bench.corpus import CT, US, CorpusPlan, build_corpus, write_object
 from bench.runner import Row, Target, judge, main
 from bench.scenarios import Sample
-from bench.servers import ProcessStats
+from bench.servers import REPO_ROOT, ProcessStats
 
 SMOKE_ROWS = {"reference", "ingest", "e2e", "routing"}
 
@@ -58,6 +59,31 @@ def test_smoke_run_measures_every_scenario_and_writes_results(
     assert ratios["e2e_vs_orthanc"]["value"] is None  # not run in smoke mode: reported as such
     report = capsys.readouterr().out
     assert "| e2e |" in report and "end to end / direct DCMTK hop" in report
+
+
+@pytest.mark.peer
+def test_the_ab_tool_compares_two_checkouts_round_by_round(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("storescp", "storescu", "echoscu"):
+        require_tool(name)
+    repo = str(REPO_ROOT)
+
+    assert ab_main([repo, repo, "--rows", "ingest,e2e", "--rounds", "2", "--profile", "smoke",
+                    "--out", str(tmp_path)]) == 0
+
+    report = capsys.readouterr().out
+    assert "direct DCMTK hop in the same rounds" in report
+    for row in ("ingest", "e2e"):
+        (line,) = [line for line in report.splitlines() if line.startswith(f"| {row} |")]
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) > 0
+        assert len(cells[4].split(", ")) == 2  # one B / A per round
+    assert not (tmp_path / "work").exists()  # working folders removed
+
+
+def test_the_ab_tool_refuses_what_is_not_a_checkout(tmp_path: Path) -> None:
+    assert ab_main([str(tmp_path), str(REPO_ROOT), "--rounds", "1"]) == 2
+    assert ab_main([str(REPO_ROOT), str(REPO_ROOT), "--rows", "nonsense"]) == 2
 
 
 def test_corpus_is_reproducible_and_valid(tmp_path: Path) -> None:
