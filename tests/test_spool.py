@@ -698,6 +698,8 @@ async def test_recovery_sweeps_temps_removes_orphans_keeps_committed_and_marks_l
     temp.write_bytes(b"partial")
     spare = spool.root / "spare" / "0000000000000001.part"  # created ahead, never used
     spare.write_bytes(b"")
+    recycled = spool.root / "spare" / "0000000000000002.part"  # recycled, crash before truncating
+    recycled.write_bytes(b"a delivered object's bytes")
     orphan = spool.root / "objects" / "ab" / "0000000000000fab.dcm"
     orphan.write_bytes(b"renamed but never journaled")
     misplaced = spool.root / "objects" / "01" / "0000000000000fac.dcm"  # not in its shard (ac)
@@ -711,7 +713,7 @@ async def test_recovery_sweeps_temps_removes_orphans_keeps_committed_and_marks_l
 
     assert (report.swept_temp_files, report.orphan_files, report.lost_instances) == (1, 2, 1)
     assert (report.foreign_files, report.pending_deliveries, report.held_instances) == (1, 1, 1)
-    assert files_under(again.root / "tmp") == [] and not spare.exists()
+    assert files_under(again.root / "tmp") == [] and not spare.exists() and not recycled.exists()
     assert not orphan.exists() and not misplaced.exists() and foreign.exists()
     assert kept.path.is_file() and held.path.is_file()
     assert [d.instance_id for d in await again.pending("PACS_A", 0, 10, T0)] == [kept.id]
