@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway.dicom import pdu
-from gateway.dicom.channel import Channel, PduProtocol, receive_capacity
+from gateway.dicom.channel import INITIAL_BUFFER, Channel, PduProtocol, receive_capacity
 from gateway.dicom.fsm import Action, State
 from gateway.errors import AssociationAborted
 
@@ -65,7 +65,7 @@ async def test_a_lent_body_survives_while_the_next_pdus_arrive_and_reading_pause
             await protocol.wait_for_data()
     assert action is Action.DELIVER_DATA
     assert bytes(kept[6:]) == bytes([0]) * (MAX_PDU - 6)
-    assert protocol.buffered < receive_capacity(MAX_PDU)  # back-pressure bounded the buffer
+    assert protocol.buffered <= receive_capacity(MAX_PDU)  # back-pressure bounded the buffer
 
     for index in range(1, count):
         _, body, _ = await channel.read_pdu(WAIT)
@@ -99,3 +99,13 @@ async def test_a_connection_closed_mid_pdu_is_an_abort(
 
     with pytest.raises(AssociationAborted):
         await channel.read_pdu(WAIT)
+
+
+async def test_a_connection_that_only_associates_keeps_a_small_buffer(
+    connect: Callable[[State], asyncio.Task[tuple[Channel, asyncio.StreamWriter]]],
+) -> None:
+    channel, peer = await connect(State.STA2)
+    peer.write(pdu.HEADER.pack(pdu.ASSOCIATE_RQ, 300) + bytes(300))
+    await channel.read_pdu(WAIT)
+
+    assert len(channel.protocol._buffer) == INITIAL_BUFFER  # not the capacity it may grow to

@@ -25,8 +25,11 @@ from gateway.errors import AssociationAborted, PeerTimeout, ProtocolError
 MAX_ASSOCIATION_PDU = 1 << 20
 # some peers count the PDV header in their PDU size; tolerate that much slack
 PDU_SLACK = 64
-# the kernel is offered at least this much room per receive (asyncio's own default size)
-MIN_RECEIVE = 256 * 1024
+# the kernel is offered at least this much room per receive
+MIN_RECEIVE = 64 * 1024
+# a connection starts with this much buffer and grows it (doubling, up to its capacity) only as
+# the PDUs it receives require: an echo, a rejected or a silent connection never holds more
+INITIAL_BUFFER = 64 * 1024
 
 _RECEIVED = {
     pdu.ASSOCIATE_RQ: Event.RQ_RECEIVED,
@@ -44,16 +47,17 @@ class PduProtocol(asyncio.BufferedProtocol):
 
     Buffer invariant: ``[_start, _end)`` holds received bytes not yet returned by ``read_pdu``.
     While a body is lent, bytes before ``_start`` may still be in use, so the buffer is never
-    moved then: new bytes go after ``_end``, reading pauses when that space runs low, and only
-    if a transport insists (TLS may) is a fresh buffer started (the lent one stays alive with its
-    view). ``read_pdu`` takes the loan back, then compacts and resumes.
+    moved then: new bytes go after ``_end``; when that space runs low a bigger fresh buffer is
+    started (the lent one stays alive with its view) until ``capacity`` is reached, and from then on
+    reading pauses instead. ``read_pdu`` takes the loan back, then compacts and resumes.
     """
 
     def __init__(self, capacity: int,
                  on_connected: Callable[[PduProtocol], object] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self._on_connected = on_connected
-        self._buffer = bytearray(capacity)
+        self._capacity = capacity  # the size the buffer grows to (a PDU bigger than it: more)
+        self._buffer = bytearray(min(INITIAL_BUFFER, capacity))
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
         self._lent = False
@@ -82,14 +86,20 @@ class PduProtocol(asyncio.BufferedProtocol):
         if self.discarding and not self._lent:
             self._start = self._end = 0
         if len(self._buffer) - self._end < MIN_RECEIVE:
-            self._make_room(MIN_RECEIVE)
+            if not self._lent:
+                self._make_room(MIN_RECEIVE)
+            elif len(self._buffer) < self._capacity:
+                self._regrow(min(2 * len(self._buffer), self._capacity))
+            elif self._end == len(self._buffer):  # paused at capacity, yet asked (TLS may)
+                self._regrow(len(self._buffer) + MIN_RECEIVE)
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
         self._data.set()
         if (self._lent and not self._reading_paused and self.transport is not None
-                and len(self._buffer) - self._end < MIN_RECEIVE):
+                and len(self._buffer) - self._end < MIN_RECEIVE
+                and len(self._buffer) >= self._capacity):
             self._reading_paused = True
             self.transport.pause_reading()
 
@@ -151,14 +161,23 @@ class PduProtocol(asyncio.BufferedProtocol):
         await self._data.wait()
 
     def _make_room(self, needed: int) -> None:
-        """Make ``needed`` bytes of room after the unread bytes (which move to the front)."""
+        """Make ``needed`` bytes of room after the unread bytes (which move to the front): in
+        place when nothing is lent and it fits, else in a fresh buffer, twice as big up to the
+        capacity (or as big as needed)."""
         unread = self._end - self._start
         if not self._lent and len(self._buffer) >= unread + needed:
             self._buffer[:unread] = self._view[self._start : self._end]
-        else:  # grow, or a body is lent: never overwrite it, start a new buffer
-            fresh = bytearray(max(len(self._buffer), unread + needed))
-            fresh[:unread] = self._view[self._start : self._end]
-            self._buffer, self._view = fresh, memoryview(fresh)
+            self._start, self._end = 0, unread
+        else:  # grow, or a body is lent: never overwrite it
+            self._regrow(max(unread + needed, min(2 * len(self._buffer), self._capacity)))
+
+    def _regrow(self, size: int) -> None:
+        """Start a fresh buffer of ``size`` bytes (at least one free) holding the unread bytes;
+        the old one lives on while a lent body still refers to it."""
+        unread = self._end - self._start
+        fresh = bytearray(max(size, unread + 1))
+        fresh[:unread] = self._view[self._start : self._end]
+        self._buffer, self._view = fresh, memoryview(fresh)
         self._start, self._end = 0, unread
 
     # -- writing ---------------------------------------------------------------------------
@@ -257,8 +276,8 @@ class Channel:
 
 
 def receive_capacity(max_pdu: int) -> int:
-    """Buffer size for a connection that accepts P-DATA PDUs up to ``max_pdu`` bytes: two whole
-    PDUs plus room for a receive, so one can arrive while the other is being handled."""
+    """What the buffer of a connection that accepts P-DATA PDUs up to ``max_pdu`` bytes may grow
+    to: two whole PDUs plus room for a receive, so one can arrive while the other is handled."""
     return 2 * (max_pdu + PDU_SLACK + 6) + MIN_RECEIVE
 
 
