@@ -25,8 +25,8 @@ from gateway.errors import AssociationAborted, PeerTimeout, ProtocolError
 MAX_ASSOCIATION_PDU = 1 << 20
 # some peers count the PDV header in their PDU size; tolerate that much slack
 PDU_SLACK = 64
-# the kernel is offered at least this much room per receive
-MIN_RECEIVE = 64 * 1024
+# the kernel is offered at least this much room per receive (half the buffer while it is smaller)
+MIN_RECEIVE = 256 * 1024
 # a connection starts with this much buffer and grows it (doubling, up to its capacity) only as
 # the PDUs it receives require: an echo, a rejected or a silent connection never holds more
 INITIAL_BUFFER = 64 * 1024
@@ -85,20 +85,24 @@ class PduProtocol(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.discarding and not self._lent:
             self._start = self._end = 0
-        if len(self._buffer) - self._end < MIN_RECEIVE:
+        room = self._min_room()
+        if len(self._buffer) - self._end < room:
             if not self._lent:
-                self._make_room(MIN_RECEIVE)
+                self._make_room(room)
             elif len(self._buffer) < self._capacity:
                 self._regrow(min(2 * len(self._buffer), self._capacity))
             elif self._end == len(self._buffer):  # paused at capacity, yet asked (TLS may)
-                self._regrow(len(self._buffer) + MIN_RECEIVE)
+                self._regrow(len(self._buffer) + room)
         return self._view[self._end :]
+
+    def _min_room(self) -> int:
+        return min(MIN_RECEIVE, len(self._buffer) // 2)
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
         self._data.set()
         if (self._lent and not self._reading_paused and self.transport is not None
-                and len(self._buffer) - self._end < MIN_RECEIVE
+                and len(self._buffer) - self._end < self._min_room()
                 and len(self._buffer) >= self._capacity):
             self._reading_paused = True
             self.transport.pause_reading()
@@ -131,7 +135,7 @@ class PduProtocol(asyncio.BufferedProtocol):
         """The caller is done with the last body: the buffer may move again."""
         self._lent = False
         if self._reading_paused and self.transport is not None:
-            self._make_room(MIN_RECEIVE)
+            self._make_room(self._min_room())
             self._reading_paused = False
             self.transport.resume_reading()
 
