@@ -109,7 +109,12 @@ def require_file(path: Path, package: str) -> Path:
 
 
 def _missing(what: str, package: str) -> NoReturn:
-    message = f"{what} missing: install Debian package {package} (apt-get install {package})"
+    missing(what, f"install Debian package {package} (apt-get install {package})")
+
+
+def missing(what: str, remedy: str) -> NoReturn:
+    """A peer or tool the test needs is absent: skip, or fail under CI=true."""
+    message = f"{what} missing: {remedy}"
     if running_in_ci():
         pytest.fail(message)
     pytest.skip(message)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import yaml
@@ -35,11 +35,11 @@ from peers import (
     Orthanc,
     free_port,
     make_us_image,
+    missing,
     read_findscu_results,
     require_tool,
     run_findscu_worklist,
     run_storescu,
-    running_in_ci,
 )
 from pydicom import dcmread
 
@@ -57,13 +57,6 @@ KUBERNETES = DEPLOY / "kubernetes"
 HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
 KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")
 TIMEOUT = 60.0
-
-
-def _missing(what: str, install: str) -> NoReturn:
-    message = f"{what} missing: {install}"
-    if running_in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +242,7 @@ def compose_tool() -> list[str]:
             return [docker, "compose"]
     legacy = shutil.which("docker-compose", path=":".join(SYSTEM_DIRS))
     if legacy is None:
-        _missing("docker compose / docker-compose",
+        missing("docker compose / docker-compose",
                  "install Debian package docker-compose (apt-get install docker-compose)")
     return [legacy]
 
@@ -523,7 +516,7 @@ def validator() -> ModuleType:
     try:
         return importlib.import_module("kubernetes_validate")
     except ImportError:
-        _missing("kubernetes-validate", "pip install kubernetes-validate (a test extra)")
+        missing("kubernetes-validate", "pip install kubernetes-validate (a test extra)")
 
 
 @pytest.mark.peer
