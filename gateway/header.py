@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.datadict import tag_for_keyword
 from pydicom.filereader import read_dataset
 from pydicom.valuerep import VR
@@ -26,6 +27,13 @@ class Header:
     called_ae: str
     source_ip: str
     attributes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def configure_pydicom() -> None:
+    """pydicom's process-wide policy for the gateway, set once by the composition root: values are
+    not validated when read. Routing compares the stored strings as they are, and pydicom's
+    validation warnings quote an invalid value (patient data) into the log and onto stderr."""
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 def header_from_dataset(

@@ -22,6 +22,7 @@ from gateway.access import AccessPolicy
 from gateway.dicom.acceptor import Acceptor, AcceptorConfig
 from gateway.errors import RulesError
 from gateway.forwarder import AttemptObserver, Forwarder
+from gateway.header import configure_pydicom
 from gateway.http import HttpServer, Readiness
 from gateway.metrics import DestinationState, GatewayState, Metrics
 from gateway.mwl import WorklistProxy
@@ -60,6 +61,7 @@ class Gateway:
                  spool: Spool | None = None, notifier: Notifier | None = None,
                  attempt_observer: AttemptObserver | None = None) -> None:
         self.settings = settings
+        configure_pydicom()
         self.notifier = notifier or Notifier()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, destinations=tuple(settings.destinations),

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from peers import (
     run_findscu_worklist,
     run_storescu,
 )
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 pytestmark = pytest.mark.peer
 
@@ -165,6 +168,9 @@ class Running:
 def gateway(tmp_path: Path) -> Iterator[Running]:
     rules = tmp_path / "rules"
     rules.mkdir()
+    # a rule that reads an IS attribute: pydicom's validation of an invalid one would quote it
+    (rules / "10-held.yaml").write_text(
+        "rules:\n  - name: numbered\n    match: {InstanceNumber: '999999'}\n    destinations: []\n")
     port = free_port()
     config = write_config(tmp_path / "gateway.yaml", {
         "host": "127.0.0.1", "port": port, "http_port": free_port(),
@@ -234,7 +240,12 @@ def test_sixteen_concurrent_associations_lose_nothing(gateway: Running, tmp_path
 def test_logs_carry_no_patient_data(gateway: Running, tmp_path: Path) -> None:
     port = gateway.port
     image = tmp_path / "us.dcm"
-    make_us_image(image, 7, rows=16, cols=16)  # patient TEST^PATIENT / TEST0001
+    dataset = make_us_image(image, 7, rows=16, cols=16)  # patient TEST^PATIENT / TEST0001
+    with warnings.catch_warnings():  # pydicom warns about the invalid value it is asked to write
+        warnings.simplefilter("ignore")
+        dataset[0x00200013] = RawDataElement(Tag(0x00200013), "IS", 14, b"42 PATIENTXYZ ", 0,
+                                             False, True)  # InstanceNumber: not an integer string
+        dataset.save_as(image)
     assert run_storescu(port, [image], called_ae="DICOMGW").returncode == 0
     run_findscu_worklist(port, called_ae="DICOMGW", keys=[f"PatientName={PATIENT_NAME}",
                                                           f"PatientID={PATIENT_ID}"])
@@ -242,5 +253,6 @@ def test_logs_carry_no_patient_data(gateway: Running, tmp_path: Path) -> None:
     assert gateway.process.terminate() == 0
     log = gateway.process.log_path.read_text()
     assert "association" in log  # the log did capture the traffic (DEBUG, JSON lines)
-    for secret in (PATIENT_NAME, PATIENT_ID, "TEST^", "PATIENT"):
+    assert dataset.SOPInstanceUID in log  # ... down to the C-STORE of that very image
+    for secret in (PATIENT_NAME, PATIENT_ID, "TEST^", "PATIENT", "42 "):
         assert secret not in log, f"{secret!r} found in the gateway log"
