@@ -9,7 +9,6 @@ answered. Anything that goes wrong answers a failure status; nothing is ever ans
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -90,12 +89,17 @@ class Ingest:
                      size: int) -> Decision:
         try:
             return self.decide_from_prefix(writer, request, info, size)
-        except PrefixTooShort:  # a long header: parse it from the file, off the event loop
-            ruleset = self.rules.current
-            dataset = await anyio.to_thread.run_sync(
-                read_header_file, writer.tmp_path, writer.dataset_offset,
-                request.transfer_syntax, ruleset.keywords | ALWAYS_READ)
-            return self._route(dataset, ruleset, info)
+        except PrefixTooShort:
+            return await self.decide_from_file(writer, request, info)
+
+    async def decide_from_file(self, writer: SpoolWriter, request: StoreRequest,
+                               info: AssociationInfo) -> Decision:
+        """A header longer than the prefix: parse it from the spooled file, off the event loop."""
+        ruleset = self.rules.current
+        dataset = await anyio.to_thread.run_sync(
+            read_header_file, writer.tmp_path, writer.dataset_offset,
+            request.transfer_syntax, ruleset.keywords | ALWAYS_READ)
+        return self._route(dataset, ruleset, info)
 
     @staticmethod
     def _route(dataset: Dataset, ruleset: RuleSet, info: AssociationInfo) -> Decision:
@@ -109,8 +113,7 @@ class Ingest:
 class StoreSink:
     """One C-STORE in progress (implements ``gateway.dicom.events.DatasetSink``)."""
 
-    __slots__ = ("decision", "info", "ingest", "refusal", "request", "size", "started", "tried",
-                 "writer")
+    __slots__ = ("early", "info", "ingest", "refusal", "request", "size", "started", "writer")
 
     def __init__(self, ingest: Ingest, info: AssociationInfo, request: StoreRequest,
                  writer: SpoolWriter | None, refusal: str) -> None:
@@ -118,25 +121,35 @@ class StoreSink:
         self.writer, self.refusal = writer, refusal
         self.size = 0
         self.started = time.perf_counter()
-        self.decision: Decision | None = None  # made early, once the prefix was complete
-        self.tried = False  # whether an early decision was attempted
+        # what routing made of the prefix while the rest still arrived: a decision, or why not
+        self.early: Decision | PrefixTooShort | HeaderUnreadable | None = None
 
     def write(self, data: memoryview) -> None:
         self.size += len(data)
         writer = self.writer
         if writer is not None:
             writer.write(data)
-            if not self.tried and self.size > PREFIX_BYTES:  # the prefix is all there
+            if self.early is None and self.size > PREFIX_BYTES:  # the prefix is all there
                 self._decide_early(writer)
 
     def _decide_early(self, writer: SpoolWriter) -> None:
         """Route while the rest of the dataset is still arriving, off the path between the last
         fragment and the response. It is the call ``finish`` would make (a prefix of a larger
-        dataset), made sooner; anything but a decision is left for ``finish`` to meet again."""
-        self.tried = True
-        with contextlib.suppress(PrefixTooShort, HeaderUnreadable):
-            self.decision = self.ingest.decide_from_prefix(writer, self.request, self.info,
-                                                           self.size)
+        dataset), made sooner; its outcome, decision or exception, is kept for ``finish``."""
+        try:
+            self.early = self.ingest.decide_from_prefix(writer, self.request, self.info, self.size)
+        except (PrefixTooShort, HeaderUnreadable) as exc:
+            self.early = exc
+
+    async def _decision(self, writer: SpoolWriter) -> Decision:
+        early = self.early
+        if isinstance(early, Decision):
+            return early
+        if isinstance(early, HeaderUnreadable):
+            raise early
+        if isinstance(early, PrefixTooShort):  # the prefix was parsed already: the file, at once
+            return await self.ingest.decide_from_file(writer, self.request, self.info)
+        return await self.ingest.decide(writer, self.request, self.info, self.size)
 
     async def finish(self) -> tuple[int, str]:
         status, comment = await self._finish()
@@ -156,9 +169,7 @@ class StoreSink:
             writer.abort()
             return dimse.OUT_OF_RESOURCES, "spool write failed"
         try:
-            decision = self.decision
-            if decision is None:
-                decision = await self.ingest.decide(writer, self.request, self.info, self.size)
+            decision = await self._decision(writer)
         except HeaderUnreadable as exc:
             writer.abort()
             log.warning("C-STORE %s from %s is not a readable dataset: %s",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -16,8 +17,9 @@ from pydicom.filewriter import write_dataset
 
 from gateway.dicom import dimse
 from gateway.dicom.events import AssociationInfo, StoreRequest
+from gateway.header import PrefixTooShort
 from gateway.metrics import Metrics
-from gateway.routing import RuleSet
+from gateway.routing import Decision, RuleSet
 from gateway.rules import RuleFile, compile_rules
 from gateway.scp import Ingest, StoreSink
 from gateway.spool import Spool, StoredInstance
@@ -77,10 +79,10 @@ async def test_a_large_dataset_is_routed_while_it_still_arrives(
     chunk = 16384
     for start in range(0, PREFIX_BYTES, chunk):
         sink.write(data[start : start + chunk])
-    assert sink.decision is None  # the prefix is full, but nothing beyond it has arrived yet
+    assert sink.early is None  # the prefix is full, but nothing beyond it has arrived yet
 
     sink.write(data[PREFIX_BYTES : PREFIX_BYTES + chunk])
-    assert sink.decision is not None and sink.decision.destinations == ("PACS_A",)
+    assert isinstance(sink.early, Decision) and sink.early.destinations == ("PACS_A",)
 
     source.current = rules("PACS_B")  # a reload now does not change where this one goes
     for start in range(PREFIX_BYTES + chunk, len(data), chunk):
@@ -97,12 +99,45 @@ async def test_a_small_dataset_is_routed_when_its_last_fragment_is_in(
     service, source, notified = ingest
     sink = begin(service, "1.2.3.2")
     sink.write(memoryview(dataset("1.2.3.2", 1000)))
-    assert sink.decision is None
+    assert sink.early is None
     source.current = rules("PACS_B")  # the rules current at the end decide
 
     assert await sink.finish() == (dimse.SUCCESS, "")
     assert len(notified) == 1
     assert [d.destination for d in await service.spool.pending("PACS_B", 0, 10, 2e9)] == ["PACS_B"]
+
+
+async def test_a_header_longer_than_the_prefix_is_read_from_the_file_and_the_prefix_once(
+    ingest: tuple[Ingest, Rules, list[StoredInstance]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service, source, notified = ingest
+    text = "rules:\n  - name: jane\n    match: {PatientName: {glob: 'DOE^*'}}\n    destinations: [PACS_B]\n"
+    source.current = compile_rules([RuleFile(Path("20-pn.yaml"), text.encode())], DESTINATIONS)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = US, "1.2.3.4", "US"
+    ds.add_new(0x00091010, "OB", b"\0" * (2 * PREFIX_BYTES))  # a private blob before PatientName
+    ds.PatientName = "DOE^JANE"
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    parses: list[int] = []
+    real = service.decide_from_prefix
+
+    def counting(*args: Any) -> Decision:
+        parses.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(service, "decide_from_prefix", counting)
+    sink = begin(service, "1.2.3.4")
+    data = memoryview(fp.getvalue())
+    for start in range(0, len(data), 16384):
+        sink.write(data[start : start + 16384])
+    assert isinstance(sink.early, PrefixTooShort)
+
+    assert await sink.finish() == (dimse.SUCCESS, "")
+    assert parses == [1]  # the prefix was not parsed a second time at the end
+    assert [d.destination for d in await service.spool.pending("PACS_B", 0, 10, 2e9)] == ["PACS_B"]
+    assert len(notified) == 1
 
 
 async def test_a_large_unreadable_dataset_still_gets_c000_and_is_not_kept(
