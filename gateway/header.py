@@ -44,10 +44,14 @@ def header_from_dataset(
     called_ae: str,
     source_ip: str,
 ) -> Header:
-    """Extract ``keywords`` from a pydicom ``Dataset`` (read with ``stop_before_pixels``)."""
+    """Extract ``keywords`` from a pydicom ``Dataset`` (read with ``stop_before_pixels``); a value
+    pydicom cannot convert (a US value of odd length, say) raises ``HeaderUnreadable``."""
     attributes: dict[str, tuple[str, ...]] = {}
     for keyword in keywords:
-        element = dataset.get(keyword)
+        try:  # pydicom converts a value on first access; its messages may quote the raw bytes
+            element = dataset.get(keyword)
+        except Exception as exc:
+            raise HeaderUnreadable(f"cannot read {keyword} ({type(exc).__name__})") from None
         if element is None:
             continue
         attributes[keyword] = _as_strings(element)

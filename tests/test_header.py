@@ -23,6 +23,7 @@ from gateway.header import (
     Header,
     HeaderUnreadable,
     PrefixTooShort,
+    configure_pydicom,
     header_from_dataset,
     read_header,
     read_header_file,
@@ -229,3 +230,28 @@ def test_header_from_dataset_keeps_values_as_strings() -> None:
         "ImageType": ("ORIGINAL", "PRIMARY"),
         "StudyDescription": (),  # present but empty
     })  # AccessionNumber is absent, so it is missing from the mapping
+
+
+def _explicit_element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def test_values_are_not_validated_and_one_that_cannot_be_converted_is_unreadable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    configure_pydicom()  # what the gateway's composition root does
+    data = (_explicit_element(0x0008, 0x0016, b"UI", b"1.2.3\0")
+            + _explicit_element(0x0020, 0x0013, b"IS", b"7 SECRET")  # not an integer string
+            + _explicit_element(0x0028, 0x0010, b"US", b"\x53\x45\x43"))  # odd length
+    dataset = read_header(data, EXPLICIT_LE, ["SOPClassUID", "InstanceNumber", "Rows"], complete=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        header = header_from_dataset(dataset, ["InstanceNumber"], calling_ae="A", called_ae="B",
+                                     source_ip="192.0.2.1")
+        with pytest.raises(HeaderUnreadable, match="cannot read Rows") as raised:
+            header_from_dataset(dataset, ["Rows"], calling_ae="A", called_ae="B",
+                                source_ip="192.0.2.1")
+
+    assert header.attributes["InstanceNumber"] == ("7 SECRET",)  # routed on as stored
+    assert "SEC" not in str(raised.value)  # the raw bytes stay out of the message
+    assert not caught and "SECRET" not in caplog.text  # no validation warning quoting the value
