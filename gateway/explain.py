@@ -84,10 +84,10 @@ def explain_failure(
     text = _explain(
         kind, peer, rj, status, abort, sop_class_uid, transfer_syntax_uid, status_overrides
     )
-    extra = _one_line(detail)
+    extra = one_line(detail)
     if extra:
         text = f"{text} ({extra})"
-    return f"{_one_line(peer_name)}: {text}"
+    return f"{one_line(peer_name)}: {text}"
 
 
 def explain_status(status: int, overrides: Mapping[str, OverrideOutcome] = _NO_OVERRIDES) -> str:
@@ -274,5 +274,6 @@ def _status(status: int | None, overrides: Mapping[str, OverrideOutcome]) -> str
     return f"the peer answered {explain_status(status, overrides)}{advice}"
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """``text`` on one line of printable characters (peer-supplied text before it is stored)."""
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())

@@ -52,7 +52,7 @@ from pydicom.filewriter import write_dataset
 from gateway.dicom.negotiation import EXPLICIT_BE, IMPLICIT_LE, UNCOMPRESSED
 from gateway.dicom.requestor import NegotiatedContext, RequestorAssociation, RequestorConfig
 from gateway.errors import AssociationRejected, GatewayError, SpoolFull
-from gateway.explain import explain_failure, explain_status, uid_name
+from gateway.explain import explain_failure, explain_status, one_line, uid_name
 from gateway.journal import Delivery
 from gateway.metrics import Metrics
 from gateway.retry import Outcome, Step, backoff, classify_failure, classify_status, next_step
@@ -81,8 +81,12 @@ class NotConvertible(GatewayError):
 class Attempt:
     outcome: Outcome
     status: int | None
-    detail: str
+    detail: str  # our explanation: safe to log
     destination_failure: bool = False
+    comment: str = ""  # the peer's Error Comment, free text: journaled, never logged
+
+    def journal_detail(self) -> str:
+        return f"{self.detail}: {self.comment}" if self.comment else self.detail
 
 
 AttemptObserver = Callable[[str, Delivery, Attempt, bool], None]
@@ -303,7 +307,8 @@ class Forwarder:
 
     async def _record(self, item: Delivery, attempt: Attempt, step: Step) -> None:
         """Write one attempt to the journal (a task of its own), then let the delivery go."""
-        detail = attempt.detail if step.done or not step.dead else f"{attempt.detail}; {step.reason}"
+        reason = "" if step.done or not step.dead else f"; {step.reason}"
+        detail = attempt.journal_detail() + reason
         try:
             await self.spool.record_attempt(item.instance_id, self.name, attempt.outcome,
                                             attempt.status, detail[:1000],
@@ -320,8 +325,9 @@ class Forwarder:
         if self.observer is not None:
             self.observer(self.name, item, attempt, step.dead)
         if step.dead:
-            log.warning("dead-lettered instance %s for %s: %s", item.sop_instance_uid, self.name,
-                        detail)
+            # the PACS's own comment may name the patient: it is in the queue, not in the log
+            log.warning("dead-lettered instance %s for %s: %s%s", item.sop_instance_uid, self.name,
+                        attempt.detail, reason)
 
     def _not_recorded(self, item: Delivery, exc: SpoolFull) -> None:
         """The attempt was made but the journal did not record it: the delivery stays due and is
@@ -387,9 +393,7 @@ class Session:
         status = response.status if response.status is not None else 0xC000
         outcome = classify_status(status, f.destination.retry.status_overrides)
         detail = explain_status(status, f.destination.retry.status_overrides)
-        if response.error_comment:
-            detail = f"{detail}: {response.error_comment}"
-        return Attempt(outcome, status, detail)
+        return Attempt(outcome, status, detail, comment=one_line(response.error_comment or ""))
 
     def _explain(self, failure: Failure) -> str:
         f = self.forwarder

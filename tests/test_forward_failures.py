@@ -8,6 +8,7 @@ Every wait goes through the forwarders' attempt observer (``GatewayThread.wait_f
 from __future__ import annotations
 
 import collections
+import logging
 import struct
 import threading
 from collections.abc import Iterable, Iterator
@@ -232,9 +233,11 @@ def test_a_warning_status_counts_as_delivered_and_is_not_retried(
 
 
 def test_a_failure_status_is_a_dead_letter_after_one_attempt(
-    tmp_path: Path, simulator: StorageSimulator
+    tmp_path: Path, simulator: StorageSimulator, caplog: pytest.LogCaptureFixture
 ) -> None:
     simulator.status = 0xC000
+    simulator.comment = "Patient ID PAT-4711 does not match"  # PACS free text may name the patient
+    caplog.set_level(logging.WARNING, logger="gateway")
     config = write_gateway_config(tmp_path, simulator.port, simulator.ae_title)
     images = us_images(tmp_path / "us", 2)
 
@@ -249,7 +252,11 @@ def test_a_failure_status_is_a_dead_letter_after_one_attempt(
         assert item.last_status == 0xC000
         assert item.last_error is not None and "0xC000" in item.last_error
         assert "permanent failure, not retried" in item.last_error
+        assert "PAT-4711" in item.last_error  # for the operator, in the queue
     assert simulator.count == 0
+    dead_lettered = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(dead_lettered) == len(images)
+    assert not any("PAT-4711" in message for message in dead_lettered)  # never in the log
 
 
 # ------------------------------------------------------------------------------- permanent rejection

@@ -160,7 +160,8 @@ class StorageSimulator(_Server):
 
     File names are ``<counter>-<random>.dcm``, never derived from anything the peer sent. Files
     appear atomically (written under a temporary name, then renamed). ``status`` is the C-STORE
-    response status; with a failure status nothing is stored (a warning still stores).
+    response status; with a failure status nothing is stored (a warning still stores), and
+    ``comment``, when set, is sent as its Error Comment.
     """
 
     def __init__(
@@ -181,6 +182,7 @@ class StorageSimulator(_Server):
         super().__init__(ae, host, port)
         self.folder = folder
         self.status = status
+        self.comment = ""
         self._numbers = itertools.count(1)
         self._count = 0
         self._changed = threading.Condition()
@@ -206,10 +208,10 @@ class StorageSimulator(_Server):
         with self._changed:
             return self._changed.wait_for(lambda: self._count >= count, timeout)
 
-    def _on_store(self, event: Event) -> int:
+    def _on_store(self, event: Event) -> int | Dataset:
         status = self.status
         if not _stores(status):
-            return status
+            return self._answer(status)
         with self._changed:
             number = next(self._numbers)
         name = f"{number:08d}-{uuid.uuid4().hex[:12]}.dcm"
@@ -221,6 +223,13 @@ class StorageSimulator(_Server):
             self._count += 1
             self._changed.notify_all()
         return status
+
+    def _answer(self, status: int) -> int | Dataset:
+        if not self.comment:
+            return status
+        answer = Dataset()
+        answer.Status, answer.ErrorComment = status, self.comment
+        return answer
 
 
 def _stores(status: int) -> bool:
