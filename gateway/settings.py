@@ -54,6 +54,14 @@ class RetryPolicy(_Frozen):
         description="DIMSE status (hex, e.g. 'A700' or 'C0xx') -> outcome; overrides the defaults",
     )
 
+    @model_validator(mode="after")
+    def _overrides(self) -> RetryPolicy:
+        """A bad pattern is a configuration error at start-up, not a crash at the first response."""
+        from gateway.retry import compile_overrides  # noqa: PLC0415 - retry imports this module
+
+        compile_overrides(self.status_overrides)
+        return self
+
 
 class PeerTLS(_Frozen):
     """DICOM TLS when we call a peer (TLS 1.2 minimum, 1.3 preferred, BCP 195 ciphers)."""

@@ -162,6 +162,12 @@ def test_an_environment_error_names_the_variable() -> None:
         ({"max_associations": 0}, "greater than or equal to 1"),
         ({"spool_min_free_fraction": 1.0}, "less than 1"),
         ({"duplicate_policy": "drop"}, "forward"),
+        ({"destinations": {"PACS": {"ae_title": "X", "host": "h", "port": 104,
+                                    "retry": {"status_overrides": {"0xA700": "permanent"}}}}},
+         "without a '0x' prefix"),
+        ({"destinations": {"PACS": {"ae_title": "X", "host": "h", "port": 104,
+                                    "retry": {"status_overrides": {"A7": "permanent"}}}}},
+         "status pattern 'A7'"),
     ],
 )
 def test_invalid_values_are_explained(tmp_path: Path, data: dict[str, Any], fragment: str) -> None:
