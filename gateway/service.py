@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.access import AccessPolicy
 from gateway.dicom.acceptor import Acceptor, AcceptorConfig
-from gateway.errors import RulesError
+from gateway.errors import RulesError, SpoolFull
 from gateway.forwarder import AttemptObserver, Forwarder
 from gateway.header import configure_pydicom
 from gateway.http import HttpServer, Readiness
@@ -159,7 +159,11 @@ class Gateway:
         """Apply retention, prune finished journal rows, re-count spool bytes (every minute)."""
         while True:
             await anyio.sleep(HOUSEKEEPING_INTERVAL)
-            removed = await self.spool.sweep_retention()
+            try:
+                removed = await self.spool.sweep_retention()
+            except SpoolFull as exc:  # the journal is failing: readiness says so; try again later
+                log.error("housekeeping skipped: %s", exc)
+                continue
             if removed:
                 log.info("retention: removed %d delivered objects", removed)
 
@@ -193,9 +197,14 @@ class Gateway:
 
     async def refresh_state(self) -> None:
         """Snapshot journal counts for the scrape (the journal lives on its own thread, so the
-        collector cannot query it synchronously; the HTTP server awaits this before /metrics)."""
-        counts = await self.spool.counts()
-        held = await self.spool.held_count()
+        collector cannot query it synchronously; the HTTP server awaits this before /metrics).
+        When the journal fails, the scrape shows the last counts (and readiness the failure)."""
+        try:
+            counts = await self.spool.counts()
+            held = await self.spool.held_count()
+        except SpoolFull as exc:
+            log.error("metrics: journal counts not refreshed: %s", exc)
+            return
         usage = self.spool.usage()
         now = time.time()
         destinations = {}

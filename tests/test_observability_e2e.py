@@ -28,6 +28,7 @@ from peers import (
 
 from gateway.demo.simulators import WorklistSimulator
 from gateway.demo.worklist_items import demo_worklist
+from gateway.errors import SpoolFull
 from gateway.settings import Destination, Modality, RetryPolicy, Settings, Worklist
 
 pytestmark = pytest.mark.peer
@@ -185,3 +186,22 @@ def test_readyz_follows_the_high_water_mark(tmp_path: Path,
         store_scp(ae_title="PACS_TEST", port=pacs_port, fork=True)  # echo probe + our association
         gw.wait_for(lambda g: g.delivered("PACS_TEST") == 1, 60)
         assert _scrape(gw.http_port, "/readyz")[0] == 200
+
+
+def test_a_failing_journal_does_not_take_the_gateway_down_with_a_scrape(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    settings = Settings(host="127.0.0.1", port=0, http_port=0, spool_dir=tmp_path / "spool",
+                        rules_dir=rules)
+    with GatewayThread(settings) as gw:
+        assert gw.gateway is not None
+        assert _scrape(gw.http_port)[0] == 200
+
+        async def broken() -> dict[str, object]:
+            raise SpoolFull("the spool journal cannot be read: disk I/O error")
+
+        monkeypatch.setattr(gw.gateway.spool, "counts", broken)
+        status, body = _scrape(gw.http_port)
+        assert status == 200 and "dicomgw_queue_items" in body  # the last counts
+        assert run_echoscu(gw.port, called_ae="DICOMGW").returncode == 0  # still serving
