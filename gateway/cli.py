@@ -28,14 +28,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (GatewayError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        return _exit_code(exc, _innermost(exc))
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The one error a task group wrapped (serve runs in one): an exception group of one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _exit_code(raised: BaseException, exc: BaseException) -> int:
+    if isinstance(exc, ConfigError):
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    except GatewayError as exc:
+    if isinstance(exc, GatewayError):
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         return 130
+    raise raised  # a bug: the whole traceback
 
 
 def build_parser() -> argparse.ArgumentParser:

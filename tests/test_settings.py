@@ -179,3 +179,15 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValidationError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_serve_with_a_missing_rules_dir_says_what_to_fix_without_a_traceback(tmp_path: Path) -> None:
+    config = write(tmp_path, yaml.safe_dump({
+        "host": "127.0.0.1", "port": 0, "http_port": 0, "spool_dir": str(tmp_path / "spool"),
+        "rules_dir": str(tmp_path / "no-such-rules")}))
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, check=False)
+
+    assert result.returncode == 1
+    assert "error: " in result.stderr and "the rules directory does not exist" in result.stderr
+    assert "Traceback" not in result.stderr  # the task group's exception group was unwrapped
