@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from gateway.journal import Inserted, NewInstance
+from gateway.journal import EXPIRE_CHUNK, Inserted, NewInstance
 from gateway.spool_files import FileSystem, fsync_directory, unlink_quietly
 from gateway.spool_ledger import Ledger
 
@@ -157,7 +157,7 @@ class DurableBatches:
             fsyncs.submit(ledger.unlink, released)
         elif released:
             ledger.unlink(released)
-        return release
+        return release and len(released) < EXPIRE_CHUNK  # a full chunk: more may be due
 
 
 def _each(

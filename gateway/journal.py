@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 OUTCOMES = frozenset({"delivered", "warning", "transient", "permanent"})
 LOST_ERROR = "object file missing when the spool was opened (lost)"
-_EXPIRE_CHUNK = 500  # files one ingest transaction releases at most (the rest: the next one)
+EXPIRE_CHUNK = 500  # files one ingest transaction releases at most (the rest: the next one)
 
 _SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -407,7 +407,7 @@ class Journal:
         ``expire_files``), so the WAL fsync this transaction pays anyway covers them too."""
         with self._write() as db:
             inserted = [self._insert(db, item, policy) for item in items]
-            released = [] if expire_before is None else _expire(db, expire_before, _EXPIRE_CHUNK)
+            released = [] if expire_before is None else _expire(db, expire_before, EXPIRE_CHUNK)
             return inserted, released
 
     def _insert(

@@ -53,6 +53,7 @@ from gateway.spool_files import (
     TMP_FLAGS,
     FileSystem,
     SpareFiles,
+    log,
     object_path,
     unlink_quietly,
 )
@@ -500,7 +501,11 @@ class Spool:
         with self._ledger.lock:
             due = self._journal.record_attempts(records)
         if due and at_once:
-            self._expire(self._clock())
+            try:
+                self._expire(self._clock())
+            except (sqlite3.Error, OSError) as exc:  # the attempts are recorded: only the release
+                log.warning("spool: releasing delivered files failed, retried later: %s", exc)
+                return due  # failed, so the loop asks for it again
             return 0
         return due
 
