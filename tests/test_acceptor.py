@@ -61,6 +61,7 @@ class Watch:
         self._changed = threading.Condition()
         self.ended: list[bool] = []  # one entry per association end: was it aborted?
         self.fragments = 0
+        self.begun = 0  # receptions started (each opens a spool file)
         services = gw.gateway.acceptor.services
         ended, begin = services.association_ended, services.begin_store
 
@@ -69,6 +70,7 @@ class Watch:
             self._bump(lambda: self.ended.append(aborted))
 
         def begin_store(info: AssociationInfo, request: StoreRequest) -> DatasetSink:
+            self._bump(lambda: setattr(self, "begun", self.begun + 1))
             return _CountingSink(begin(info, request), self)
 
         monkeypatch.setattr(services, "association_ended", association_ended)
@@ -262,6 +264,25 @@ async def test_hostile_sop_instance_uids_never_name_a_file(
 
 
 # ----------------------------------------------------------------------- broken associations
+
+
+async def test_a_c_store_request_without_a_dataset_is_aborted_before_any_spool_file(
+    gw: GatewayThread, watch: Watch
+) -> None:
+    assoc = await associate(gw.port)
+    context = us_context(assoc)
+    command = dimse.encode_command({0x0002: US, 0x0100: dimse.C_STORE_RQ, 0x0110: 1,
+                                    0x0700: 0, 0x0800: dimse.NO_DATASET, 0x1000: "1.2.3.4"})
+    assoc.channel.fire(Event.LOCAL_DATA)
+    assoc.channel.send(pdu.encode_pdata(context.id, 0x03, command))
+    await assoc.channel.drain(WAIT)
+    _, body, action = await assoc.channel.read_pdu(WAIT)
+    assoc.channel.close()
+
+    assert action is Action.ABORT_INDICATION
+    assert pdu.decode_abort(body)[0] == pdu.ABORT_SOURCE_PROVIDER
+    await watch.wait(lambda w: len(w.ended) == 1)
+    assert watch.begun == 0  # refused before a reception (and its spool file) began
 
 
 @pytest.mark.parametrize("how", ["a-abort", "tcp-close"])

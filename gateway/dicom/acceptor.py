@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from ssl import SSLContext
 
@@ -161,7 +160,6 @@ class AcceptorAssociation:
         self._sink: DatasetSink | None = None
         self._identifier: bytearray | None = None
         self._pending: tuple[AcceptedContext, dimse.Command] | None = None
-        self._started = 0.0
         self._finds: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
 
     async def run(self) -> None:
@@ -314,6 +312,8 @@ class AcceptorAssociation:
     async def _on_command(self, context: AcceptedContext, command: dimse.Command) -> None:
         assert self.info is not None
         field = command.command_field
+        if field in (dimse.C_STORE_RQ, dimse.C_FIND_RQ) and not command.has_dataset:
+            raise ProtocolError("C-STORE/C-FIND request without a dataset")  # before any spool file
         if field == dimse.C_ECHO_RQ and context.service == Service.ECHO:
             status = self.services.echo(self.info)
             await self._send(context, dimse.echo_rsp(command, status))
@@ -329,14 +329,11 @@ class AcceptorAssociation:
         else:
             raise ProtocolError(f"command 0x{field:04x} is not supported on a "
                                 f"{context.service} context")
-        if field in (dimse.C_STORE_RQ, dimse.C_FIND_RQ) and not command.has_dataset:
-            raise ProtocolError("C-STORE/C-FIND request without a dataset")
 
     def _begin_store(self, context: AcceptedContext, command: dimse.Command) -> None:
         assert self.info is not None
         request = StoreRequest(command.message_id, command.sop_class_uid or context.abstract_syntax,
                                command.sop_instance_uid, context.transfer_syntax, command.priority)
-        self._started = time.perf_counter()
         self._sink = self.services.begin_store(self.info, request)
         self._pending = (context, command)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -122,7 +121,7 @@ class RequestorAssociation:
         self._send(context.id, dimse.echo_rq(message_id), None)
         await self.channel.drain(self.config.dimse_timeout)
         response, _ = await self._response(message_id)
-        return response.status or 0
+        return response.status if response.status is not None else dimse.UNABLE_TO_PROCESS
 
     async def store_file(self, context: NegotiatedContext, sop_class: str, sop_instance: str,
                          path: Path, offset: int) -> dimse.Command:
@@ -305,6 +304,6 @@ async def _connect(host: str, port: int, config: RequestorConfig) -> PduProtocol
         raise PeerUnreachable(f"nothing listens at {host}:{port}", "connection_refused") from None
     except ConnectionResetError:
         raise PeerUnreachable(f"{host}:{port} reset the connection", "connection_reset") from None
-    except OSError as exc:
-        kind = "connection_refused" if exc.errno == errno.ECONNREFUSED else "connect_timeout"
-        raise PeerUnreachable(f"cannot connect to {host}:{port}: {exc.strerror}", kind) from None
+    except OSError as exc:  # a name that does not resolve; every address of a name failing
+        raise PeerUnreachable(f"cannot connect to {host}:{port}: {exc.strerror or exc}",
+                              "connect_timeout") from None
