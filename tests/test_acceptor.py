@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import re
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -315,43 +315,43 @@ async def test_an_association_ended_mid_dataset_leaves_no_trace(
 
 
 async def test_a_silent_peer_is_dropped_by_the_artim_timer_and_blocks_nobody(
-    gw: GatewayThread,
+    gw: GatewayThread, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    started = time.monotonic()
+    caplog.set_level(logging.INFO, logger="gateway.dicom")
     reader, writer = await asyncio.open_connection(HOST, gw.port)
     try:
         await echo_works(gw.port)  # served while the silent connection is open
         assert await read_until_closed(reader) == b""  # closed, nothing sent
     finally:
         writer.close()
-    elapsed = time.monotonic() - started
-    assert 0.9 <= elapsed < 5.0, elapsed  # artim_timeout is 1 s
+    assert "ARTIM expired" in caplog.text  # the timer closed it (artim_timeout is 1 s)
 
 
 async def test_a_request_that_trickles_and_stops_is_dropped_by_the_artim_timer(
-    gw: GatewayThread,
+    gw: GatewayThread, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.dicom")
     reader, writer = await asyncio.open_connection(HOST, gw.port)
     try:
         writer.write(pdu.HEADER.pack(pdu.ASSOCIATE_RQ, 500) + b"\x00\x01\x00\x00DICO")
-        started = time.monotonic()
-        await read_until_closed(reader)
-        assert time.monotonic() - started < 5.0
+        assert await read_until_closed(reader) == b""
     finally:
         writer.close()
+    assert "ARTIM expired" in caplog.text  # the timer, not the partial request, ended it
     await echo_works(gw.port)
 
 
-async def test_an_association_silent_for_network_timeout_is_aborted(tmp_path: Path) -> None:
+async def test_an_association_silent_for_network_timeout_is_aborted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.dicom")
     with GatewayThread(make_settings(tmp_path, network_timeout=1.0)) as gateway:
         assoc = await associate(gateway.port)
         assert await assoc.echo() == dimse.SUCCESS
-        started = time.monotonic()
         _, _, action = await assoc.channel.read_pdu(WAIT)  # we say nothing more
-        elapsed = time.monotonic() - started
         assoc.channel.close()
         assert action is Action.ABORT_INDICATION
-        assert 0.9 <= elapsed < 5.0, elapsed
+        assert "within 1 s" in caplog.text  # network_timeout, not anything else, ended it
         await echo_works(gateway.port)
 
 

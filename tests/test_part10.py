@@ -156,7 +156,7 @@ def test_a_value_too_long_for_explicit_vr_is_refused() -> None:
     assert len(encode_file_meta(CT, "1" * 65534, EXPLICIT_LE, "AE")) > 65534
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     sop_class=st.text(max_size=80),
     sop_instance=st.text(max_size=300),

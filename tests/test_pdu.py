@@ -352,7 +352,7 @@ def framed(data: bytes, size: int, announced: int | None = None) -> list[bytes]:
     return blocks
 
 
-@settings(deadline=None, max_examples=60)
+@settings(max_examples=60)
 @given(length=st.integers(0, 3 * SEND_BLOCK), size=st.sampled_from([7, 16378, 16384, 262138]))
 def test_read_pdus_frames_a_file_into_pdvs_that_reassemble_it(length: int, size: int) -> None:
     length = min(length, 600 * size)  # tiny PDVs: a short file keeps the example fast
