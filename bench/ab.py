@@ -14,6 +14,7 @@ and B / A of the medians and of each round.
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import statistics
 import sys
@@ -48,14 +49,12 @@ def run(trees: Mapping[str, Path], rows: Sequence[str], *, rounds: int, out: Pat
         profile: Profile, progress: Callable[[str], None]) -> dict[tuple[str, str], Series]:
     """``{(row, tree label): Series}``; the reference row is under the label "-"."""
     results: dict[tuple[str, str], Series] = {}
-    contexts = {label: Context(out, profile, seed=SEED, gateway_tree=tree)
-                for label, tree in trees.items()}
-    for row in rows:
+    reference = Context(out, profile, seed=SEED)
+    for row in rows:  # once, for both trees: a big object, a backlog spool, a rule set
         prepare = SCENARIOS[row].prepare
-        for ctx in contexts.values():
-            if prepare is not None:
-                prepare(ctx)
-    reference = contexts[next(iter(trees))]
+        if prepare is not None:
+            prepare(reference)
+    contexts = {label: _for_tree(reference, tree) for label, tree in trees.items()}
     for index in range(rounds):
         for name, sample in SCENARIOS["reference"].run(reference, index).items():
             results.setdefault((name, "-"), Series()).samples.append(sample)
@@ -66,6 +65,13 @@ def run(trees: Mapping[str, Path], rows: Sequence[str], *, rounds: int, out: Pat
                     progress(f"[{index + 1}/{rounds}] {name} {label}: "
                              f"{sample.count / sample.seconds:.1f} {sample.unit}/s")
     return results
+
+
+def _for_tree(prepared: Context, tree: Path) -> Context:
+    """A context whose gateway comes from ``tree``, sharing what ``prepared`` built."""
+    ctx = copy.copy(prepared)
+    ctx.gateway_tree = tree
+    return ctx
 
 
 def markdown(results: Mapping[tuple[str, str], Series], trees: Mapping[str, Path],

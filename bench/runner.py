@@ -292,8 +292,8 @@ def machine() -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
         "kernel": platform.release(), "memory_mb": _memory_mb(), "gateway": gateway_version,
-        "dcmtk": _first_line([tool("storescp"), "--version"]).strip("$ ").replace("dcmtk: ", "DCMTK "),
-        "orthanc": _first_line([tool("Orthanc"), "--version"]),
+        "dcmtk": _version("storescp").strip("$ ").replace("dcmtk: ", "DCMTK "),
+        "orthanc": _version("Orthanc"),
         "loadavg_at_start": os.getloadavg()[0],
     }
 
@@ -327,9 +327,12 @@ def _memory_mb() -> int:
         return 0
 
 
-def _first_line(argv: Sequence[str]) -> str:
+def _version(name: str) -> str:
+    """The first line ``name --version`` prints, or "unavailable" (the tool may not be installed:
+    only the scenarios that need it fail)."""
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        result = subprocess.run([tool(name), "--version"], capture_output=True, text=True,
+                                timeout=10, check=False)
     except (OSError, BenchError, subprocess.TimeoutExpired):
         return "unavailable"
     lines = (result.stdout or result.stderr).strip().splitlines()

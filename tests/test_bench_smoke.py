@@ -16,11 +16,12 @@ import pytest
 from peers import require_tool
 from pydicom import dcmread
 
+from bench import runner
 from bench.ab import main as ab_main
 from bench.corpus import CT, US, CorpusPlan, build_corpus, write_object
 from bench.runner import Row, Target, judge, main
 from bench.scenarios import Sample
-from bench.servers import REPO_ROOT, ProcessStats
+from bench.servers import REPO_ROOT, BenchError, ProcessStats
 
 SMOKE_ROWS = {"reference", "ingest", "e2e", "routing"}
 
@@ -128,3 +129,14 @@ def test_ratios_are_judged_against_their_targets() -> None:
     assert verdicts["rss"].value == pytest.approx(200) and verdicts["rss"].met is False
     assert verdicts["info"].met is None
     assert verdicts["missing"].value is None and verdicts["missing"].met is None
+
+
+def test_the_machine_report_survives_a_missing_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_orthanc(name: str) -> str:
+        if name == "Orthanc":
+            raise BenchError("Orthanc missing: install Debian package orthanc")
+        return "/bin/echo"
+
+    monkeypatch.setattr(runner, "tool", no_orthanc)
+    info = runner.machine()
+    assert info["orthanc"] == "unavailable" and info["dcmtk"] != "unavailable"
