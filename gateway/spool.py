@@ -586,15 +586,7 @@ class Spool:
 
     async def purge_dead(self, destination: str | None) -> int:
         purge = partial(self._journal.purge_dead, destination, self._clock())
-
-        def job() -> int:
-            with self._ledger.lock:
-                count, refs = purge()
-                self._ledger.stored_bytes -= sum(ref.size for ref in refs)
-            self._ledger.unlink(refs)
-            return count
-
-        return await self._call(job, "purging dead letters")
+        return await self._call(partial(self._ledger.release, purge), "purging dead letters")
 
     async def held_items(self, limit: int, after_id: int = 0) -> list[HeldItem]:
         return await self._query(

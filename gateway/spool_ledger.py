@@ -43,14 +43,18 @@ class Ledger:
     def expire(self, now: float) -> int:
         """Release (durably) and delete the files of finished instances that expired by ``now``."""
         released = 0
-        while True:
-            with self.lock:
-                refs = self.journal.expire_files(now, SWEEP_CHUNK)
-                self.stored_bytes -= sum(ref.size for ref in refs)
-            if not refs:
-                return released
-            self.unlink(refs)
-            released += len(refs)
+        while count := self.release(lambda: _both(self.journal.expire_files(now, SWEEP_CHUNK))):
+            released += count
+        return released
+
+    def release(self, job: Callable[[], tuple[int, Sequence[FileRef]]]) -> int:
+        """Run a journal ``job`` that releases files in a durable transaction (holding the lock),
+        take their bytes off ``stored_bytes``, then delete them; returns the job's count."""
+        with self.lock:
+            count, refs = job()
+            self.stored_bytes -= sum(ref.size for ref in refs)
+        self.unlink(refs)
+        return count
 
     def unlink(self, refs: Sequence[FileRef]) -> None:
         """Delete files a committed, durable transaction released (outside the lock)."""
@@ -64,3 +68,7 @@ class Ledger:
                 pass
             except OSError as exc:
                 log.warning("spool: cannot delete %s (%s); removed at next start", ref.path, exc)
+
+
+def _both(refs: Sequence[FileRef]) -> tuple[int, Sequence[FileRef]]:
+    return len(refs), refs
