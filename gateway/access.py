@@ -11,39 +11,30 @@ import ipaddress
 from collections.abc import Sequence
 
 from gateway.dicom.events import Rejection
+from gateway.routing import InNetwork, IPNetwork
 from gateway.settings import Modality
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class AccessPolicy:
     def __init__(self, modalities: Sequence[Modality]) -> None:
-        self._networks: dict[str, tuple[IPNetwork, ...]] = {}
+        networks: dict[str, tuple[IPNetwork, ...]] = {}
         for modality in modalities:
-            networks = tuple(ipaddress.ip_network(a, strict=False) for a in modality.addresses)
-            self._networks[modality.ae_title] = self._networks.get(modality.ae_title, ()) + networks
+            listed = tuple(ipaddress.ip_network(a, strict=False) for a in modality.addresses)
+            networks[modality.ae_title] = networks.get(modality.ae_title, ()) + listed
+        # the routing condition does the address test (IPv4-mapped IPv6 counted as IPv4)
+        self._addresses = {ae: InNetwork(listed) for ae, listed in networks.items()}
 
     @property
     def open(self) -> bool:
         """True when no modality is configured: every calling AE is accepted."""
-        return not self._networks
+        return not self._addresses
 
     def check(self, calling_ae: str, peer_ip: str) -> Rejection | None:
         if self.open:
             return None
-        networks = self._networks.get(calling_ae.strip(" "))
-        if networks is None:
+        addresses = self._addresses.get(calling_ae.strip(" "))
+        if addresses is None:
             return Rejection(1, 1, 3, "calling_ae")
-        if networks and not _in_any(peer_ip, networks):
+        if addresses.networks and not addresses((peer_ip,)):
             return Rejection(1, 1, 3, "source_ip")
         return None
-
-
-def _in_any(address: str, networks: tuple[IPNetwork, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks if ip.version == network.version)

@@ -17,6 +17,7 @@ from pydicom.uid import UID
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from gateway.retry import (
+    NO_REASON_GIVEN,
     RJ_PERMANENT,
     FailureKind,
     Outcome,
@@ -208,7 +209,7 @@ def _rejected(rj: tuple[int, int, int] | None, peer: Peer) -> str:
         return "the peer rejected the association: check the peer's log"
     result, source, reason = rj
     kind = "rejected-permanent" if result == RJ_PERMANENT else "rejected-transient"
-    if result != RJ_PERMANENT and (source, reason) in ((1, 1), (2, 1)):
+    if result != RJ_PERMANENT and (source, reason) in NO_REASON_GIVEN:
         advice = _RJ_TRANSIENT_NO_REASON
     else:
         advice = _RJ_ADVICE.get(
