@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_rules_commands(commands)
-    _add_queue_commands(commands)
+    cli_queue.add_queue_commands(commands, _config_option)
 
     echo = commands.add_parser("echo", help="C-ECHO one destination (or 'worklist')")
     echo.add_argument("name")
@@ -91,10 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML configuration file (default: $DICOMGW_CONFIG, else defaults)")
-
-
-def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    cli_queue.add_queue_commands(commands, _config_option)
 
 
 # ------------------------------------------------------------------------------------- serve
