@@ -283,6 +283,18 @@ class _Peer:
     def log_tail(self) -> str:
         return self.process.log_tail() if self.process is not None else ""
 
+    def _launch(self, tool: str, ae_title: str, port: int, log_dir: Path, *, echo: bool) -> None:
+        """Start ``argv()`` and wait until the DICOM port answers (a C-ECHO when ``echo``: a
+        refusing or TLS-only peer answers none, and then an open port is all there is to see)."""
+        self.process = PeerProcess(f"{tool} {ae_title}:{port}", self.argv(),
+                                   log_dir / f"{tool}-{port}.log")
+        self.process.start()
+        wait_until(_dicom_ready(port, ae_title, echo=echo), what=self.process.name,
+                   process=self.process)
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
 
 # ---------------------------------------------------------------------------------------------
 # DCMTK storescp
@@ -337,17 +349,8 @@ class StoreSCP(_Peer):
 
     def start(self) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
-        log_dir = self.log_dir or self.directory.parent
-        self.process = PeerProcess(
-            f"storescp {self.ae_title}:{self.port}",
-            self.argv(),
-            log_dir / f"storescp-{self.port}.log",
-        )
-        self.process.start()
-        # a refusing storescp answers no C-ECHO: then an open port is all that can be seen
-        tls = "+tls" in self.extra_args  # a TLS storescp answers no plain C-ECHO either
-        ready = _dicom_ready(self.port, self.ae_title, echo=not (self.refuse or tls))
-        wait_until(ready, what=self.process.name, process=self.process)
+        self._launch("storescp", self.ae_title, self.port, self.log_dir or self.directory.parent,
+                     echo=not (self.refuse or "+tls" in self.extra_args))
         return self
 
     def received_files(self) -> list[Path]:
@@ -402,16 +405,8 @@ class WorklistSCP(_Peer):
         ae_dir = self.database / self.ae_title
         write_worklist_files(ae_dir, self.items)
         (ae_dir / "lockfile").touch()
-        log_dir = self.log_dir or self.database.parent
-        self.process = PeerProcess(
-            f"wlmscpfs {self.ae_title}:{self.port}",
-            self.argv(),
-            log_dir / f"wlmscpfs-{self.port}.log",
-        )
-        self.process.start()
-        tls = "+tls" in self.extra_args  # a TLS storescp answers no plain C-ECHO either
-        ready = _dicom_ready(self.port, self.ae_title, echo=not (self.refuse or tls))
-        wait_until(ready, what=self.process.name, process=self.process)
+        self._launch("wlmscpfs", self.ae_title, self.port, self.log_dir or self.database.parent,
+                     echo=not (self.refuse or "+tls" in self.extra_args))
         return self
 
 
@@ -661,12 +656,6 @@ class Orthanc(_Peer):
         result: dict[str, Any] = self.call("GET", f"/instances/{instance_id}/simplified-tags")
         return result
 
-    def instance_file(self, instance_id: str) -> bytes:
-        status, data = self.request("GET", f"/instances/{instance_id}/file")
-        if status != http.client.OK:
-            raise PeerError(f"Orthanc GET /instances/{instance_id}/file: HTTP {status}")
-        return data
-
     def instance_transfer_syntax(self, instance_id: str) -> str:
         status, data = self.request("GET", f"/instances/{instance_id}/metadata/TransferSyntax")
         if status != http.client.OK:
@@ -687,16 +676,6 @@ class Orthanc(_Peer):
     def echo(self, modality: str) -> bool:
         """C-ECHO from Orthanc to ``modality``."""
         return self.request("POST", f"/modalities/{modality}/echo", b"{}")[0] == http.client.OK
-
-    def wait_for_instance_count(self, count: int, timeout: float = READY_TIMEOUT) -> list[str]:
-        """Poll ``/instances`` (bounded backoff) until at least ``count`` are stored."""
-        wait_until(
-            lambda: len(self.instances()) >= count,
-            what=f"{count} instance(s) in {self.process.name if self.process else 'Orthanc'}",
-            timeout=timeout,
-            process=self.process,
-        )
-        return self.instances()
 
 
 # ---------------------------------------------------------------------------------------------
