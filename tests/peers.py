@@ -14,6 +14,7 @@ environment, and those are not DCMTK.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import http.client
@@ -793,3 +794,18 @@ def make_us_image(path: Path, seed: int, rows: int = 480, cols: int = 640) -> Da
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return ds
+
+
+def make_us_images(directory: Path, count: int, first_seed: int = 0, *, rows: int = 32,
+                   cols: int = 48) -> list[Path]:
+    """``count`` small ultrasound images ``us-NNNN.dcm`` (seeds ``first_seed`` on) in ``directory``."""
+    paths = [directory / f"us-{first_seed + i:04d}.dcm" for i in range(count)]
+    for i, path in enumerate(paths):
+        make_us_image(path, seed=first_seed + i, rows=rows, cols=cols)
+    return paths
+
+
+def sop_instance_uids(paths: Iterable[Path]) -> collections.Counter[str]:
+    """How often each SOP Instance UID occurs in ``paths`` (what was sent against what arrived)."""
+    return collections.Counter(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                               for p in paths)

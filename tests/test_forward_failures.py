@@ -11,14 +11,23 @@ import collections
 import logging
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from gateway_harness import GatewayThread, destination_config, write_config
-from peers import HOST, Peers, StoreSCP, make_us_image, run_dcmsend, run_storescu
+from peers import (
+    HOST,
+    Peers,
+    StoreSCP,
+    make_us_image,
+    make_us_images,
+    run_dcmsend,
+    run_storescu,
+    sop_instance_uids,
+)
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -75,15 +84,8 @@ def gateway(config: Path) -> GatewayThread:
     return GatewayThread(load_settings(config))
 
 
-def us_images(directory: Path, count: int, first_seed: int = 0) -> list[Path]:
-    paths = [directory / f"us-{first_seed + i:04d}.dcm" for i in range(count)]
-    for i, path in enumerate(paths):
-        make_us_image(path, seed=first_seed + i, rows=32, cols=48)
-    return paths
 
 
-def sop_instance_uids(paths: Iterable[Path]) -> collections.Counter[str]:
-    return collections.Counter(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths)
 
 
 def send(gw: GatewayThread, files: list[Path], calling_ae: str = "US_ROOM1") -> None:
@@ -170,7 +172,7 @@ def test_a_faulty_pacs_is_retried_until_it_behaves(tmp_path: Path, peers: Peers,
     broken = peers.store_scp(ae_title="PACS", **options)
     # a dimse_timeout shorter than the PACS sleeps (the sleep also holds back the next association)
     config = write_gateway_config(tmp_path, broken.port, "PACS", dimse_timeout=0.5, connect_timeout=1.0)
-    images = us_images(tmp_path / "us", 2)
+    images = make_us_images(tmp_path / "us", 2)
 
     with gateway(config) as gw:
         send(gw, images)
@@ -202,7 +204,7 @@ def test_out_of_resources_is_retried_until_the_pacs_recovers(
 ) -> None:
     simulator.status = 0xA700
     config = write_gateway_config(tmp_path, simulator.port, simulator.ae_title)
-    images = us_images(tmp_path / "us", 2)
+    images = make_us_images(tmp_path / "us", 2)
 
     with gateway(config) as gw:
         send(gw, images)
@@ -221,7 +223,7 @@ def test_a_warning_status_counts_as_delivered_and_is_not_retried(
 ) -> None:
     simulator.status = 0xB000
     config = write_gateway_config(tmp_path, simulator.port, simulator.ae_title)
-    images = us_images(tmp_path / "us", 3)
+    images = make_us_images(tmp_path / "us", 3)
 
     with gateway(config) as gw:
         send(gw, images)
@@ -239,7 +241,7 @@ def test_a_failure_status_is_a_dead_letter_after_one_attempt(
     simulator.comment = "Patient ID PAT-4711 does not match"  # PACS free text may name the patient
     caplog.set_level(logging.WARNING, logger="gateway")
     config = write_gateway_config(tmp_path, simulator.port, simulator.ae_title)
-    images = us_images(tmp_path / "us", 2)
+    images = make_us_images(tmp_path / "us", 2)
 
     with gateway(config) as gw:
         send(gw, images)
@@ -267,7 +269,7 @@ def test_a_pacs_that_rejects_our_ae_title_gets_one_attempt_then_queue_retry_deli
 ) -> None:
     port = picky_pacs.start()
     config = write_gateway_config(tmp_path, port, "PICKY")
-    images = us_images(tmp_path / "us", 2)
+    images = make_us_images(tmp_path / "us", 2)
 
     with gateway(config) as gw:
         send(gw, images)
@@ -305,7 +307,7 @@ def test_a_jpeg_image_no_context_accepts_is_a_dead_letter_that_names_class_synta
 ) -> None:
     with StoreSCP(tmp_path / "pacs", ae_title="PACS", syntaxes="+x=") as pacs:
         config = write_gateway_config(tmp_path, pacs.port, "PACS")
-        later = us_images(tmp_path / "us", 1)
+        later = make_us_images(tmp_path / "us", 1)
         with gateway(config) as gw:
             result = run_dcmsend(
                 gw.port, [sample_files["jpeg_baseline"]], calling_ae="US_ROOM1", called_ae=GATEWAY_AE
@@ -358,7 +360,7 @@ def test_queue_retry_of_a_no_context_dead_letter_negotiates_again_once_the_pacs_
 def test_an_explicit_vr_image_is_converted_for_a_pacs_that_takes_implicit_vr_only(tmp_path: Path) -> None:
     with StoreSCP(tmp_path / "pacs", ae_title="PACS", syntaxes="+xi") as pacs:
         config = write_gateway_config(tmp_path, pacs.port, "PACS")
-        images = us_images(tmp_path / "us", 2)
+        images = make_us_images(tmp_path / "us", 2)
         with gateway(config) as gw:
             send(gw, images)
             gw.wait_for(lambda g: g.delivered("PACS") >= len(images), WAIT)
@@ -407,7 +409,7 @@ def test_an_object_that_cannot_be_converted_is_a_dead_letter_and_the_gateway_kee
     sop_class, sop_instance, dataset = malformed(tmp_path / "source.dcm")
     with StoreSCP(tmp_path / "pacs", ae_title="PACS", syntaxes="+xi") as pacs:
         config = write_gateway_config(tmp_path, pacs.port, "PACS")
-        later = us_images(tmp_path / "us", 1)
+        later = make_us_images(tmp_path / "us", 1)
         with gateway(config) as gw:
             assert anyio.run(store_raw, gw.port, sop_class, sop_instance, dataset) == 0x0000
             gw.wait_for(lambda g: g.dead["PACS"] >= 1, WAIT)
@@ -465,7 +467,7 @@ def test_a_journal_error_while_forwarding_is_survived_and_the_delivery_is_sent_a
     config = write_gateway_config(tmp_path, simulator.port, simulator.ae_title)
     settings = load_settings(config)
     spool = FlakyJournalSpool(settings.spool_dir, failures=2)
-    images = us_images(tmp_path / "us", 2)
+    images = make_us_images(tmp_path / "us", 2)
 
     with GatewayThread(settings, spool=spool) as gw:
         send(gw, images)

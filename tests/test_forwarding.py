@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from gateway_harness import GatewayThread, destination_config, write_config
-from peers import Peers, free_port, make_us_image, run_dcmsend, run_storescu
+from peers import Peers, free_port, make_us_images, run_dcmsend, run_storescu, sop_instance_uids
 from pydicom import dcmread
 
 from gateway.dicom.negotiation import UNCOMPRESSED
@@ -70,11 +70,6 @@ def gateway_settings(
     return load_settings(write_config(tmp_path / "gateway.yaml", config))
 
 
-def us_images(directory: Path, count: int, first_seed: int) -> list[Path]:
-    paths = [directory / f"us-{first_seed + i:04d}.dcm" for i in range(count)]
-    for i, path in enumerate(paths):
-        make_us_image(path, seed=first_seed + i, rows=48, cols=64)
-    return paths
 
 
 _LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"})
@@ -113,8 +108,6 @@ def fingerprints(paths: Iterable[Path]) -> collections.Counter[tuple[str, str, s
     return collections.Counter(fingerprint(p) for p in paths)
 
 
-def sop_instance_uids(paths: Iterable[Path]) -> collections.Counter[str]:
-    return collections.Counter(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths)
 
 
 @pytest.mark.peer
@@ -127,8 +120,8 @@ def test_routes_by_calling_ae_and_every_dataset_arrives_byte_identical(
     hop = run_dcmsend(reference.port, sample_files.values(), called_ae="REFERENCE")
     assert hop.returncode == 0, hop.stderr
     samples = reference.received_files()
-    room3 = us_images(tmp_path / "room3", 3, first_seed=1)
-    others = us_images(tmp_path / "others", 2, first_seed=100)
+    room3 = make_us_images(tmp_path / "room3", 3, first_seed=1, rows=48, cols=64)
+    others = make_us_images(tmp_path / "others", 2, first_seed=100, rows=48, cols=64)
     settings = gateway_settings(
         tmp_path,
         {
@@ -175,7 +168,8 @@ def test_orthanc_as_prod_pacs_holds_every_instance_in_its_own_transfer_syntax(
         "jpeg2000_lossless",
         "jpeg2000",
     ]
-    files = [sample_files[c] for c in categories] + us_images(tmp_path / "us", 2, first_seed=7)
+    files = [sample_files[c] for c in categories]
+    files += make_us_images(tmp_path / "us", 2, first_seed=7, rows=48, cols=64)
     expected = {}
     for path in files:
         ds = dcmread(path, stop_before_pixels=True)
@@ -204,7 +198,7 @@ def test_a_destination_that_is_down_loses_nothing_and_does_not_delay_the_other(
 ) -> None:
     test_pacs = peers.store_scp(ae_title="TESTPACS")
     prod_port = free_port()  # nothing listens here until the PACS "comes up"
-    images = us_images(tmp_path / "us", 5, first_seed=20)
+    images = make_us_images(tmp_path / "us", 5, first_seed=20, rows=48, cols=64)
     settings = gateway_settings(
         tmp_path,
         {

@@ -11,14 +11,12 @@ from __future__ import annotations
 import collections
 import json
 import sqlite3
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gateway_harness import GatewayThread, destination_config, write_config
-from peers import HOST, Peers, StoreSCP, make_us_image, run_dcmsend, run_storescu
-from pydicom import dcmread
+from peers import HOST, Peers, StoreSCP, make_us_images, run_dcmsend, run_storescu, sop_instance_uids
 
 from gateway import cli, forwarder
 from gateway.settings import load_settings
@@ -92,15 +90,8 @@ def write_gateway_config(tmp_path: Path, test_port: int, prod_port: int) -> Path
     )
 
 
-def us_images(directory: Path, count: int, first_seed: int) -> list[Path]:
-    paths = [directory / f"us-{first_seed + i:04d}.dcm" for i in range(count)]
-    for i, path in enumerate(paths):
-        make_us_image(path, seed=first_seed + i, rows=32, cols=48)
-    return paths
 
 
-def uids(paths: Iterable[Path]) -> collections.Counter[str]:
-    return collections.Counter(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths)
 
 
 def table(listing: str) -> dict[str, tuple[int, int]]:
@@ -124,8 +115,8 @@ def integrity(spool_dir: Path) -> str:
 def test_queue_commands_beside_a_running_gateway(
     tmp_path: Path, peers: Peers, sample_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    room3 = us_images(tmp_path / "room3", 2, first_seed=1)
-    room9 = us_images(tmp_path / "room9", 2, first_seed=50)
+    room3 = make_us_images(tmp_path / "room3", 2, first_seed=1)
+    room9 = make_us_images(tmp_path / "room9", 2, first_seed=50)
     jpeg = sample_files["jpeg_baseline"]
     with (
         StoreSCP(tmp_path / "test-plain", ae_title="TESTPACS", syntaxes="+x=") as test_plain,
@@ -168,7 +159,8 @@ def test_queue_commands_beside_a_running_gateway(
             assert held["held"] == 2
             assert {item["state"] for item in held["items"]} == {"held"}
             assert {item["calling_ae"] for item in held["items"]} == {"US_ROOM9"}
-            assert collections.Counter(item["sop_instance_uid"] for item in held["items"]) == uids(room9)
+            held_uids = collections.Counter(item["sop_instance_uid"] for item in held["items"])
+            assert held_uids == sop_instance_uids(room9)
 
             # purge refuses without --yes, then deletes for good
             code, out, err = queue("purge", "PACS_PROD")
@@ -205,8 +197,8 @@ def test_queue_commands_beside_a_running_gateway(
         ("PACS_PROD", "delivered"): 4,
         ("PACS_PROD", "permanent"): 1,
     }
-    assert uids(test_pacs.received_files()) == uids([jpeg])
-    assert uids(prod_received) == uids([*room3, *room9])
+    assert sop_instance_uids(test_pacs.received_files()) == sop_instance_uids([jpeg])
+    assert sop_instance_uids(prod_received) == sop_instance_uids([*room3, *room9])
     assert integrity(settings.spool_dir) == "ok"
     assert sorted((settings.spool_dir / "objects").rglob("*.dcm")) == [], "every object was finished"
 
