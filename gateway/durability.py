@@ -1,6 +1,7 @@
-"""The durability thread's work on one batch of commits: fsync every file, rename each into
-``objects/``, fsync each touched shard directory once, then one journal transaction for every row
-(``synchronous=FULL``). The crash-safety argument is in ``docs/spool.md``.
+"""The durability thread's work on one batch of commits: fsync every file (cut to its object's size
+first: a recycled spare may be longer), rename each into ``objects/``, fsync each touched shard
+directory once, then one journal transaction for every row (``synchronous=FULL``). The crash-safety
+argument is in ``docs/spool.md``.
 
 Invariants: a commit is resolved (``inserted`` or ``error`` set) by the batch, never both; a failing
 object fails alone and leaves no file behind; a commit cancelled before the journal transaction is
@@ -81,11 +82,11 @@ class DurableBatches:
             raise
 
     def _sync_files(self, batch: list[Commit], fsyncs: ThreadPoolExecutor | None) -> list[Commit]:
-        fds = [commit.fd for commit in batch]
+        files = [(commit.fd, commit.item.size) for commit in batch]
         for commit in batch:
             commit.fd = -1
         live: list[Commit] = []
-        for commit, error in zip(batch, _each(self._sync_file, fds, fsyncs), strict=True):
+        for commit, error in zip(batch, _each(self._sync_file, files, fsyncs), strict=True):
             if error is not None:
                 commit.fail(error, "making the object durable (fsync)")
                 unlink_quietly(commit.tmp)
@@ -93,8 +94,12 @@ class DurableBatches:
                 live.append(commit)
         return live
 
-    def _sync_file(self, fd: int) -> None:
+    def _sync_file(self, file: tuple[int, int]) -> None:
+        """fsync one object's file, first cutting what a recycled spare held beyond the object."""
+        fd, size = file
         try:
+            if os.fstat(fd).st_size > size:
+                os.ftruncate(fd, size)
             self._fs.fsync(fd)
         finally:
             os.close(fd)

@@ -49,6 +49,7 @@ from gateway.recovery import RecoveryReport, SpoolRecovery, lock_spool
 from gateway.spool_files import (
     JOURNAL_NAME,
     LOCK_NAME,
+    RECYCLED_KEEP_BYTES,
     SPARE_FILES,
     TMP_FLAGS,
     FileSystem,
@@ -71,6 +72,7 @@ __all__ = [  # the constants too: importers take them from here
     "JOURNAL_NAME",
     "LOCK_NAME",
     "PREFIX_BYTES",
+    "RECYCLED_KEEP_BYTES",
     "SPARE_FILES",
     "Delivery",
     "DestinationCounts",
@@ -281,8 +283,12 @@ class Spool:
         self._fsyncs.submit(self._make_spares)
 
     def _recycle(self, path: Path) -> bool:
-        """Any spool thread: a released object file becomes a spare while the spool ingests."""
-        return self._ingest and self._spares.recycle(path)
+        """Any spool thread: a released object file becomes a spare while the spool ingests; it
+        keeps its allocated blocks unless the disk is short of space."""
+        if not self._ingest:
+            return False
+        keep = 0 if self._short_of_space() else RECYCLED_KEEP_BYTES
+        return self._spares.recycle(path, keep)
 
     def _make_spares(self) -> None:
         """An fsync thread: see ``SpareFiles.refill``."""

@@ -2,8 +2,10 @@
 
 Invariants (the argument is in ``docs/spool.md``): every name is the spool's own (from a counter,
 never from anything a peer sent); temp files are created ``O_CREAT|O_EXCL``, mode 0640; a spare file
-is empty and no journal row refers to it (created empty, or an object file a durable transaction
-released, renamed into ``spare/`` and truncated), so recovery deletes whatever ``spare/`` holds.
+holds no object and no journal row refers to it (created empty, or an object file a durable
+transaction released, renamed into ``spare/`` and cut to at most ``RECYCLED_KEEP_BYTES``, which the next
+object overwrites; its commit cuts what it did not overwrite), so recovery deletes whatever ``spare/``
+holds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 __all__ = [
     "JOURNAL_NAME",
     "LOCK_NAME",
+    "RECYCLED_KEEP_BYTES",
     "SPARE_FILES",
     "TMP_FLAGS",
     "FileSystem",
@@ -38,6 +41,11 @@ JOURNAL_NAME = "journal.sqlite3"
 LOCK_NAME = "spool.lock"
 SPARE_FILES = 4  # empty temp files created ahead of begin(), off the event loop
 RECYCLED_FILES = 32  # at most this many spare files, counting released object files recycled
+# A recycled spare keeps the disk blocks of its first 2 MiB (a 0.9 MB ultrasound image, a CT or MR
+# slice): the next object overwrites blocks that are already allocated, so its fsync writes no
+# allocation metadata (0.19 instead of 0.30 ms for 0.9 MB here) and nothing is freed (with the
+# ``discard`` mount option freeing blocks costs a TRIM). At most 32 x 2 MiB stay reserved.
+RECYCLED_KEEP_BYTES = 2 << 20
 TMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
 
 
@@ -142,9 +150,11 @@ class SpareFiles:
         finally:
             self._refilling = False
 
-    def recycle(self, path: Path) -> bool:
-        """Make the released object file ``path`` a spare (an fsync or journal thread); False
-        when there are enough spares or it failed, and the caller deletes it as before."""
+    def recycle(self, path: Path, keep: int) -> bool:
+        """Make the released object file ``path`` a spare (an fsync or journal thread), cut to at
+        most ``keep`` bytes; False when there are enough spares or it failed, and the caller
+        deletes it as before. The bytes kept are the delivered object's: whoever takes the spare
+        writes from offset 0 over them and cuts the rest before its fsync."""
         if len(self._ready) >= RECYCLED_FILES:
             return False
         spare = self._name()
@@ -158,7 +168,8 @@ class SpareFiles:
             unlink_quietly(Path(spare))
             return True
         try:
-            os.ftruncate(fd, 0)
+            if os.fstat(fd).st_size > keep:
+                os.ftruncate(fd, keep)
         except OSError:
             os.close(fd)
             unlink_quietly(Path(spare))

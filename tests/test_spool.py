@@ -36,6 +36,7 @@ from gateway.journal import (
 )
 from gateway.part10 import encode_file_meta
 from gateway.spool import (
+    RECYCLED_KEEP_BYTES,
     SPARE_FILES,
     FileSystem,
     InstanceMeta,
@@ -331,8 +332,8 @@ async def test_a_released_file_becomes_a_spare_that_a_later_object_overwrites(
     recycled = asyncio.Event()
     real_recycle = spool._spares.recycle
 
-    def recycle(path: Path) -> bool:
-        done = real_recycle(path)
+    def recycle(path: Path, keep: int) -> bool:
+        done = real_recycle(path, keep)
         loop.call_soon_threadsafe(recycled.set)
         return done
 
@@ -347,7 +348,7 @@ async def test_a_released_file_becomes_a_spare_that_a_later_object_overwrites(
 
     assert not first.path.exists()
     (spare,) = [p for p in files_under(spool.root / "spare") if p.stat().st_ino == inode]
-    assert spare.stat().st_size == 0  # truncated: nothing of the first object is left
+    assert spare.stat().st_size == first.size <= RECYCLED_KEEP_BYTES  # its blocks are kept
     for i in range(SPARE_FILES + 1):  # the spares queue in order: the recycled one comes up
         small = dataset_bytes(f"1.2.4.{i}")
         stored = await store(spool, f"1.2.4.{i}", data=small)
@@ -356,7 +357,24 @@ async def test_a_released_file_becomes_a_spare_that_a_later_object_overwrites(
             break
     else:
         raise AssertionError("the recycled file was never used")
+    # the commit cut what the smaller object did not overwrite: nothing of the first one is left
     assert stored.path.stat().st_size == stored.size < first.size
+
+
+async def test_a_spare_recycled_while_short_of_space_keeps_no_blocks(
+    make_spool: Callable[..., Spool], fs: FakeFS
+) -> None:
+    spool = make_spool(release_delay=0.0)  # released before record_attempt() returns
+    await spool.open()
+    first = await store(spool, "1.2.3.1", data=dataset_bytes("1.2.3.1", pixels=1 << 16))
+    inode = first.path.stat().st_ino
+    fs.free_fraction = 0.01  # below spool_min_free_fraction: space is wanted
+    await spool.record_attempt(first.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
+                               dead=False)
+
+    assert not first.path.exists()
+    (spare,) = [p for p in files_under(spool.root / "spare") if p.stat().st_ino == inode]
+    assert spare.stat().st_size == 0
 
 
 async def test_abort_leaves_nothing_behind(spool: Spool) -> None:
