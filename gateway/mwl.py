@@ -455,17 +455,20 @@ def _since(started: float | None) -> float | None:
 # --- doctor --------------------------------------------------------------------------------------
 
 
-async def check_worklist(upstream: Worklist, calling_ae: str) -> tuple[bool, str]:
-    """C-ECHO and an empty-result worklist query against ``upstream``: (ok, plain-words why)."""
+async def check_worklist(upstream: Worklist, calling_ae: str,
+                         config_key: str = "worklist") -> tuple[bool, str]:
+    """C-ECHO and an empty-result worklist query against ``upstream``: (ok, plain-words why).
+    ``config_key``: where ``upstream`` is in the config, named in the advice (``worklist``, or
+    ``worklist_by_calling_ae.<AE>``)."""
     where = f"RIS {upstream.ae_title} at {upstream.host}:{upstream.port}"
     try:
         async with asyncio.timeout(upstream.deadline):
             detail = await _check(upstream, calling_ae)
     except TimeoutError:
         return False, (f"{where}: no complete answer within {upstream.deadline:g} s "
-                       "(worklist.deadline): the RIS is stuck or overloaded; check its log")
+                       f"({config_key}.deadline): the RIS is stuck or overloaded; check its log")
     except GatewayError as exc:
-        return False, f"{where}: {_explain(exc, upstream, calling_ae)}"
+        return False, f"{where}: {_explain(exc, upstream, calling_ae, config_key)}"
     return True, f"{where}: {detail}"
 
 
@@ -519,7 +522,7 @@ class _CheckFailed(GatewayError):
 _REJECT_ADVICE: Mapping[tuple[int, int], str] = MappingProxyType({
     (1, 3): "the RIS does not know our calling AE title {calling}: register it (with this host's "
             "address) on the RIS",
-    (1, 7): "the RIS does not answer to the AE title {called}: check worklist.ae_title against "
+    (1, 7): "the RIS does not answer to the AE title {called}: check {key}.ae_title against "
             "the RIS configuration",
     (1, 2): "the RIS does not support the DICOM application context: is {address} a DICOM port?",
     (3, 2): "the RIS is busy (its association limit is reached): retry later or raise its limit",
@@ -527,16 +530,16 @@ _REJECT_ADVICE: Mapping[tuple[int, int], str] = MappingProxyType({
 
 _UNREACHABLE_ADVICE: Mapping[str, str] = MappingProxyType({
     "connection_refused": "nothing listens at {address}: check that the RIS worklist service runs "
-                          "and that worklist.host/worklist.port are right",
-    "connect_timeout": "no answer from {address}: a firewall drops the connection or worklist.host "
+                          "and that {key}.host/{key}.port are right",
+    "connect_timeout": "no answer from {address}: a firewall drops the connection or {key}.host "
                        "is wrong",
     "connection_reset": "{address} reset the connection: the RIS or a firewall closed it",
 })
 
 
-def _explain(exc: GatewayError, upstream: Worklist, calling_ae: str) -> str:
+def _explain(exc: GatewayError, upstream: Worklist, calling_ae: str, key: str) -> str:
     address = f"{upstream.host}:{upstream.port}"
-    names = {"address": address, "calling": calling_ae, "called": upstream.ae_title}
+    names = {"address": address, "calling": calling_ae, "called": upstream.ae_title, "key": key}
     if isinstance(exc, PeerUnreachable):
         advice = _UNREACHABLE_ADVICE.get(exc.kind, "cannot connect to {address}: check the network")
         return f"{advice.format(**names)} ({exc})"
@@ -549,7 +552,7 @@ def _explain(exc: GatewayError, upstream: Worklist, calling_ae: str) -> str:
                 f"{exc.source}, reason {exc.reason}]")
     if isinstance(exc, PeerTimeout):
         return (f"the RIS accepted the connection but did not answer within "
-                f"{upstream.dimse_timeout:g} s (worklist.dimse_timeout): it may be stuck; check its log")
+                f"{upstream.dimse_timeout:g} s ({key}.dimse_timeout): it may be stuck; check its log")
     if isinstance(exc, AssociationAborted):
         return (f"the RIS aborted the association ({exc}): check the RIS log, e.g. whether it "
                 f"accepts calling AE {calling_ae}")

@@ -109,6 +109,30 @@ def test_doctor_exits_zero_when_every_peer_is_healthy(
     assert worklist.startswith(f"OK    RIS RIS at {HOST}:{ris.port}: ")
 
 
+def test_doctor_checks_each_modality_s_own_ris_and_names_its_config_key(
+    tmp_path: Path, pacs: StorageSimulator, ris: WorklistSimulator
+) -> None:
+    wrong_port = free_port()
+    config = config_file(
+        tmp_path,
+        {"PACS_TEST": peer("PACS", pacs.port)},
+        worklist=peer("RIS", ris.port),
+        worklist_by_calling_ae={"US_TEST": peer("RIS", ris.port), "CT_TEST": peer("RIS", wrong_port)},
+    )
+
+    result = doctor(config)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    destination, worklist, us_test, ct_test = result.stdout.splitlines()
+    assert destination.startswith("OK    PACS_TEST: ")
+    assert worklist.startswith(f"OK    RIS RIS at {HOST}:{ris.port}: ")
+    assert us_test.startswith(f"OK    for calling AE US_TEST: RIS RIS at {HOST}:{ris.port}: ")
+    assert ct_test.startswith(
+        f"FAIL  for calling AE CT_TEST: RIS RIS at {HOST}:{wrong_port}: nothing listens"
+    )
+    assert "worklist_by_calling_ae.CT_TEST.host/worklist_by_calling_ae.CT_TEST.port" in ct_test
+
+
 def test_doctor_with_nothing_configured_says_so_and_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
