@@ -55,7 +55,15 @@ from gateway.errors import AssociationRejected, GatewayError, SpoolFull
 from gateway.explain import explain_failure, explain_status, one_line, uid_name
 from gateway.journal import Delivery
 from gateway.metrics import Metrics
-from gateway.retry import Outcome, Step, backoff, classify_failure, classify_status, next_step
+from gateway.retry import (
+    DONE_OUTCOMES,
+    Outcome,
+    Step,
+    backoff,
+    classify_failure,
+    classify_status,
+    next_step,
+)
 from gateway.scu import Failure, build_proposals, echo_peer, explain_peer, failure_of
 from gateway.settings import Destination
 from gateway.spool import Spool
@@ -299,7 +307,7 @@ class Forwarder:
             self._failures += 1
             self._paused_until = now + backoff(self._failures, policy, self.uniform())
             self.metrics.set_destination_up(self.name, False)
-        elif attempt.outcome in ("delivered", "warning"):
+        elif attempt.outcome in DONE_OUTCOMES:
             self._failures = 0
             self._last_success = now
             self.metrics.set_destination_up(self.name, True)

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.retry import DONE_OUTCOMES
+
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
-OUTCOMES = frozenset({"delivered", "warning", "transient", "permanent"})
 LOST_ERROR = "object file missing when the spool was opened (lost)"
 EXPIRE_CHUNK = 500  # files one ingest transaction releases at most (the rest: the next one)
 
@@ -476,10 +477,8 @@ class Journal:
 
         An instance whose last delivery is now done becomes ``done`` but keeps its file
         (``has_file = 1``, ``expires_at`` = now + retention): ``expire_files`` releases it later, in a
-        durable transaction. Returns how many files became due for release at once (retention 0)."""
-        for record in records:
-            if record.outcome not in OUTCOMES:
-                raise ValueError(f"outcome {record.outcome!r} is not one of {sorted(OUTCOMES)}")
+        durable transaction. Returns how many files became due for release at once (retention 0).
+        Every ``outcome`` is one of ``OUTCOMES`` (``Spool.record_attempt`` checks it)."""
         with self._write(durable=False) as db:
             return sum(self._record(db, record) for record in records)
 
@@ -498,7 +497,7 @@ class Journal:
         if row is None or row[0] != "pending":
             return 0  # purged or already settled meanwhile (e.g. by the queue CLI)
         key = (instance_id, destination)
-        if outcome in ("delivered", "warning"):
+        if outcome in DONE_OUTCOMES:
             error = record.detail if outcome == "warning" else None
             _settle(db, key, "done", status=record.status, error=error, due=None, now=now)
             kept = self._finish_if_done(db, instance_id, now, keep=True)

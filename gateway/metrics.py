@@ -23,12 +23,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 import gateway
+from gateway.retry import DONE_OUTCOMES, OUTCOMES, Outcome
 
 Direction = Literal["in", "out"]
 RejectReason = Literal["called_ae", "calling_ae", "source_ip", "limit", "context", "protocol"]
 Service = Literal["echo", "store", "find", "cancel"]
 StatusClass = Literal["success", "warning", "failure", "cancel"]
-ForwardOutcome = Literal["delivered", "warning", "transient", "permanent"]
 MwlOutcome = Literal["success", "cancelled", "upstream_failure", "failure"]
 
 DIRECTIONS: Final = ("in", "out")
@@ -36,7 +36,6 @@ REJECT_REASONS: Final = ("called_ae", "calling_ae", "source_ip", "limit", "conte
 ASSOCIATION_RESULTS: Final = ("accepted", "rejected", "aborted")
 SERVICES: Final = ("echo", "store", "find", "cancel")
 STATUS_CLASSES: Final = ("success", "warning", "failure", "cancel")
-FORWARD_OUTCOMES: Final = ("delivered", "warning", "transient", "permanent")
 MWL_OUTCOMES: Final = ("success", "cancelled", "upstream_failure", "failure")
 RELOAD_RESULTS: Final = ("success", "failure")
 
@@ -220,7 +219,7 @@ class Metrics:
         for service in SERVICES:
             self.dimse_duration.labels(service)
         for dest in dest_labels:
-            for outcome in FORWARD_OUTCOMES:
+            for outcome in OUTCOMES:
                 self.forward_attempts.labels(dest, outcome)
             self.forward_duration.labels(dest)
             self.forwarded_bytes.labels(dest)
@@ -310,14 +309,14 @@ class Metrics:
                 self.routing_decisions.labels(rule, dest).inc()
 
     def forward_attempt(
-        self, destination: str, outcome: ForwardOutcome, seconds: float, nbytes: int
+        self, destination: str, outcome: Outcome, seconds: float, nbytes: int
     ) -> None:
         """One C-STORE attempt; bytes count only when the destination accepted the object."""
-        _check(outcome, FORWARD_OUTCOMES, "forward outcome")
+        _check(outcome, OUTCOMES, "forward outcome")
         dest = self.destination_label(destination)
         self.forward_attempts.labels(dest, outcome).inc()
         self.forward_duration.labels(dest).observe(seconds)
-        if outcome in ("delivered", "warning"):
+        if outcome in DONE_OUTCOMES:
             self.forwarded_bytes.labels(dest).inc(nbytes)
 
     def set_destination_up(self, destination: str, up: bool) -> None:

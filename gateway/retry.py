@@ -28,6 +28,8 @@ from gateway.settings import RetryPolicy
 
 Outcome = Literal["delivered", "warning", "transient", "permanent"]
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+DONE_OUTCOMES: frozenset[Outcome] = frozenset({"delivered", "warning"})
+"""The outcomes that finish a delivery (the PACS has the object)."""
 
 OverrideOutcome = Literal["delivered", "transient", "permanent"]
 """What an operator may map a status to (``status_overrides`` values)."""

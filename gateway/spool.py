@@ -36,7 +36,6 @@ from typing import Any, Literal, TypeVar
 from gateway.durability import Commit, DurableBatches
 from gateway.errors import ProtocolError, SpoolFull
 from gateway.journal import (
-    OUTCOMES,
     AttemptRecord,
     Delivery,
     DestinationCounts,
@@ -46,6 +45,7 @@ from gateway.journal import (
 )
 from gateway.part10 import encode_file_meta
 from gateway.recovery import RecoveryReport, SpoolRecovery, lock_spool
+from gateway.retry import OUTCOMES
 from gateway.spool_files import (
     JOURNAL_NAME,
     LOCK_NAME,
