@@ -36,6 +36,7 @@ from gateway.spool import Spool
 
 T = TypeVar("T")
 START_TIMEOUT = 30.0
+GATEWAY_AE = "DICOMGW"  # the AE title of the test gateways gateway_config() writes
 
 
 class GatewayThread:
@@ -140,6 +141,21 @@ def destination_config(port: int, ae_title: str, *, host: str = "127.0.0.1",
 def write_config(path: Path, settings: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     return path
+
+
+def gateway_config(tmp_path: Path, destinations: dict[str, dict[str, Any]], rules: str, *,
+                   port: int = 0, **extra: Any) -> Path:
+    """``tmp_path/gateway.yaml`` for a test gateway on 127.0.0.1 (any free port unless ``port``):
+    one rule file ``rules/10-test.yaml`` holding ``rules``, the spool in ``tmp_path/spool``, a
+    short shutdown timeout, and ``extra`` settings on top."""
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir(exist_ok=True)
+    (rules_dir / "10-test.yaml").write_text(rules, encoding="utf-8")
+    return write_config(tmp_path / "gateway.yaml", {
+        "ae_title": GATEWAY_AE, "host": "127.0.0.1", "port": port, "http_port": 0,
+        "spool_dir": str(tmp_path / "spool"), "rules_dir": str(rules_dir),
+        "shutdown_timeout": 2.0, "destinations": destinations, **extra,
+    })
 
 
 class GatewayProcess:

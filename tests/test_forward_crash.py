@@ -16,14 +16,13 @@ import random
 from pathlib import Path
 
 import pytest
-from gateway_harness import GatewayProcess, destination_config, write_config
-from peers import HOST, Peers, StoreSCP, free_port, make_us_image, run_storescu, wait_until
+from gateway_harness import GATEWAY_AE, GatewayProcess, destination_config, gateway_config
+from peers import Peers, StoreSCP, free_port, make_us_image, run_storescu, wait_until
 
 from gateway import cli
 
 SEED = 20240305
 IMAGES = 500
-GATEWAY_AE = "DICOMGW"
 DELIVERY_TIMEOUT = 120.0
 
 
@@ -33,26 +32,12 @@ def received_uids(pacs: StoreSCP) -> set[str]:
 
 
 def crash_config(tmp_path: Path, port: int, test_port: int, prod_port: int) -> Path:
-    rules_dir = tmp_path / "rules"
-    rules_dir.mkdir()
-    (rules_dir / "10-all.yaml").write_text(
-        "rules:\n  - name: everything\n    destinations: [PACS_TEST, PACS_PROD]\n", encoding="utf-8"
-    )
-    return write_config(
-        tmp_path / "gateway.yaml",
-        {
-            "ae_title": GATEWAY_AE,
-            "host": HOST,
-            "port": port,
-            "http_port": 0,
-            "spool_dir": str(tmp_path / "spool"),
-            "rules_dir": str(rules_dir),
-            "shutdown_timeout": 2.0,
-            "destinations": {
-                "PACS_TEST": destination_config(test_port, "TESTPACS"),
-                "PACS_PROD": destination_config(prod_port, "PRODPACS"),
-            },
-        },
+    return gateway_config(
+        tmp_path,
+        {"PACS_TEST": destination_config(test_port, "TESTPACS"),
+         "PACS_PROD": destination_config(prod_port, "PRODPACS")},
+        "rules:\n  - name: everything\n    destinations: [PACS_TEST, PACS_PROD]\n",
+        port=port,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from gateway_harness import GatewayThread, destination_config, write_config
+from gateway_harness import GATEWAY_AE, GatewayThread, destination_config, gateway_config
 from peers import (
     HOST,
     Peers,
@@ -46,7 +46,6 @@ from gateway.spool import Spool
 
 pytestmark = pytest.mark.peer  # every test sends with DCMTK storescu or dcmsend
 
-GATEWAY_AE = "DICOMGW"
 WAIT = 60.0
 
 ALL_TO_PACS = """
@@ -63,21 +62,8 @@ def fast_rescan(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def write_gateway_config(tmp_path: Path, port: int, ae_title: str, **options: Any) -> Path:
-    rules_dir = tmp_path / "rules"
-    rules_dir.mkdir(exist_ok=True)
-    (rules_dir / "10-test.yaml").write_text(ALL_TO_PACS, encoding="utf-8")
-    pacs = destination_config(port, ae_title, **options)
-    config = {
-        "ae_title": GATEWAY_AE,
-        "host": HOST,
-        "port": 0,
-        "http_port": 0,
-        "spool_dir": str(tmp_path / "spool"),
-        "rules_dir": str(rules_dir),
-        "shutdown_timeout": 2.0,
-        "destinations": {"PACS": pacs},
-    }
-    return write_config(tmp_path / "gateway.yaml", config)
+    return gateway_config(tmp_path, {"PACS": destination_config(port, ae_title, **options)},
+                          ALL_TO_PACS)
 
 
 def gateway(config: Path) -> GatewayThread:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_harness import GatewayThread, destination_config, write_config
+from gateway_harness import GATEWAY_AE, GatewayThread, destination_config, gateway_config
 from peers import Peers, free_port, make_us_images, run_dcmsend, run_storescu, sop_instance_uids
 from pydicom import dcmread
 
@@ -24,7 +24,6 @@ from gateway.dicom.negotiation import UNCOMPRESSED
 from gateway.settings import Settings, load_settings
 
 HOST = "127.0.0.1"
-GATEWAY_AE = "DICOMGW"
 WAIT = 60.0
 
 ROOM3_RULES = """
@@ -53,21 +52,7 @@ rules:
 def gateway_settings(
     tmp_path: Path, destinations: dict[str, dict[str, Any]], rules: str, **extra: Any
 ) -> Settings:
-    rules_dir = tmp_path / "rules"
-    rules_dir.mkdir(exist_ok=True)
-    (rules_dir / "10-test.yaml").write_text(rules, encoding="utf-8")
-    config = {
-        "ae_title": GATEWAY_AE,
-        "host": HOST,
-        "port": 0,
-        "http_port": 0,
-        "spool_dir": str(tmp_path / "spool"),
-        "rules_dir": str(rules_dir),
-        "shutdown_timeout": 2.0,
-        "destinations": destinations,
-        **extra,
-    }
-    return load_settings(write_config(tmp_path / "gateway.yaml", config))
+    return load_settings(gateway_config(tmp_path, destinations, rules, **extra))
 
 
 

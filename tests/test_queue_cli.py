@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_harness import GatewayThread, destination_config, write_config
-from peers import HOST, Peers, StoreSCP, make_us_images, run_dcmsend, run_storescu, sop_instance_uids
+from gateway_harness import GATEWAY_AE, GatewayThread, destination_config, gateway_config
+from peers import Peers, StoreSCP, make_us_images, run_dcmsend, run_storescu, sop_instance_uids
 
 from gateway import cli, forwarder
 from gateway.settings import load_settings
 from gateway.spool import JOURNAL_NAME
 
-GATEWAY_AE = "DICOMGW"
 WAIT = 60.0
 
 ROOM3_ONLY = """
@@ -69,25 +68,9 @@ class Queue:
 
 
 def write_gateway_config(tmp_path: Path, test_port: int, prod_port: int) -> Path:
-    rules_dir = tmp_path / "rules"
-    rules_dir.mkdir()
-    (rules_dir / "10-rooms.yaml").write_text(ROOM3_ONLY, encoding="utf-8")
-    return write_config(
-        tmp_path / "gateway.yaml",
-        {
-            "ae_title": GATEWAY_AE,
-            "host": HOST,
-            "port": 0,
-            "http_port": 0,
-            "spool_dir": str(tmp_path / "spool"),
-            "rules_dir": str(rules_dir),
-            "shutdown_timeout": 2.0,
-            "destinations": {
-                "PACS_TEST": destination_config(test_port, "TESTPACS"),
-                "PACS_PROD": destination_config(prod_port, "PRODPACS"),
-            },
-        },
-    )
+    return gateway_config(tmp_path, {"PACS_TEST": destination_config(test_port, "TESTPACS"),
+                                     "PACS_PROD": destination_config(prod_port, "PRODPACS")},
+                          ROOM3_ONLY)
 
 
 
@@ -182,7 +165,7 @@ def test_queue_commands_beside_a_running_gateway(
             # reroute: nothing changes until a rule routes the held instances
             code, out, _ = queue("reroute")
             assert (code, out.strip()) == (0, "rerouted 0 held instances; 2 still held; 0 unreadable")
-            (settings.rules_dir / "10-rooms.yaml").write_text(ROOM9_TOO, encoding="utf-8")
+            (settings.rules_dir / "10-test.yaml").write_text(ROOM9_TOO, encoding="utf-8")
             code, out, _ = queue("reroute")
             assert (code, out.strip()) == (0, "rerouted 2 held instances; 0 still held; 0 unreadable")
             gw.wait_for(lambda g: g.delivered("PACS_PROD") >= 4, WAIT)
