@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -809,3 +810,34 @@ def sop_instance_uids(paths: Iterable[Path]) -> collections.Counter[str]:
     """How often each SOP Instance UID occurs in ``paths`` (what was sent against what arrived)."""
     return collections.Counter(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                                for p in paths)
+
+
+_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+
+
+def split_part10(data: bytes) -> tuple[dict[int, bytes], int]:
+    """A Part-10 file's meta elements (group 0002, explicit VR little endian) by element number,
+    and the offset where its dataset starts."""
+    assert data[128:132] == b"DICM", "not a Part-10 file"
+    meta: dict[int, bytes] = {}
+    pos = 132
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        if data[pos + 4 : pos + 6] in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            start = pos + 8
+        meta[element] = data[start : start + length]
+        pos = start + length
+    return meta, pos
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes of a Part-10 file after its file meta group, exactly as stored."""
+    data = path.read_bytes()
+    return data[split_part10(data)[1]:]
+

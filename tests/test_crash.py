@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 from gateway_harness import GatewayProcess, write_config
-from peers import free_port, make_us_image, peer_env, require_tool, run_echoscu
+from peers import (
+    dataset_bytes,
+    free_port,
+    make_us_image,
+    peer_env,
+    require_tool,
+    run_echoscu,
+)
 
 from gateway.journal import HeldItem
 from gateway.spool import Spool
@@ -39,18 +46,6 @@ ROWS, COLS = 128, 170  # 128 x 170 x 3 bytes: ~64 KiB of pixel data each
 SENDING = re.compile(r"Sending file: (\S+)")
 ACKNOWLEDGED = re.compile(r"Received Store Response \(Success\)")
 REQUESTED = re.compile(r"Sending Store Request")
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes of a Part-10 file after its file meta group (group 0002, explicit VR LE)."""
-    data = path.read_bytes()
-    offset = 132
-    while int.from_bytes(data[offset : offset + 2], "little") == 0x0002:
-        if data[offset + 4 : offset + 6] in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            offset += 12 + int.from_bytes(data[offset + 8 : offset + 12], "little")
-        else:
-            offset += 8 + int.from_bytes(data[offset + 6 : offset + 8], "little")
-    return data[offset:]
 
 
 def send_and_kill(storescu: str, port: int, files: list[Path], gateway: GatewayProcess,

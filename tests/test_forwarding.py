@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gateway_harness import GATEWAY_AE, GatewayThread, destination_config, gateway_config
-from peers import Peers, free_port, make_us_images, run_dcmsend, run_storescu, sop_instance_uids
+from peers import (
+    Peers,
+    free_port,
+    make_us_images,
+    run_dcmsend,
+    run_storescu,
+    sop_instance_uids,
+    split_part10,
+)
 from pydicom import dcmread
 
 from gateway.dicom.negotiation import UNCOMPRESSED
@@ -57,34 +64,11 @@ def gateway_settings(
 
 
 
-_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"})
-
-
-def split_part10(path: Path) -> tuple[dict[int, bytes], bytes]:
-    """(file meta elements by element number, dataset bytes exactly as stored after the meta)."""
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM", f"{path} is not a Part-10 file"
-    meta: dict[int, bytes] = {}
-    pos = 132
-    while pos + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        vr = data[pos + 4 : pos + 6]
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", data, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            start = pos + 8
-        meta[element] = data[start : start + length]
-        pos = start + length
-    return meta, data[pos:]
-
-
 def fingerprint(path: Path) -> tuple[str, str, str]:
     """(SOP Instance UID, transfer syntax, SHA-256 of the dataset bytes)."""
-    meta, dataset = split_part10(path)
+    data = path.read_bytes()
+    meta, offset = split_part10(data)
+    dataset = data[offset:]
     uid, syntax = (meta[e].rstrip(b"\0 ").decode() for e in (0x0003, 0x0010))
     return uid, syntax, hashlib.sha256(dataset).hexdigest()
 

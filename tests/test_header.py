@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peers import dataset_bytes
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -42,19 +43,6 @@ def _quiet_pydicom() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes of a Part-10 file after its file meta group (group 0002, explicit VR LE)."""
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM"
-    offset = 132
-    while struct.unpack_from("<H", data, offset)[0] == 0x0002:
-        if data[offset + 4 : offset + 6] in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            offset += 12 + struct.unpack_from("<L", data, offset + 8)[0]
-        else:
-            offset += 8 + struct.unpack_from("<H", data, offset + 6)[0]
-    return data[offset:]
 
 
 def sample(name: str) -> Path:

@@ -18,7 +18,6 @@ import errno
 import io
 import os
 import re
-import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,11 +31,13 @@ from peers import (
     Orthanc,
     Peers,
     StoreSCP,
+    dataset_bytes,
     free_port,
     make_us_image,
     run_dcmsend,
     run_echoscu,
     run_storescu,
+    split_part10,
 )
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -64,23 +65,6 @@ STORESCU_OPTIONS: dict[str, list[str]] = {
     "jpeg_baseline": ["-xy"], "jpeg_lossless": ["-xs"], "jpeg_ls": ["-xt"],
     "jpeg2000_lossless": ["-xv"], "jpeg2000": ["-xw"], "rle": ["-xr"],
 }
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes of a Part-10 file after its file meta group (group 0002, explicit VR LE)."""
-    data = path.read_bytes()
-    return data[dataset_offset(data):]
-
-
-def dataset_offset(data: bytes) -> int:
-    assert data[128:132] == b"DICM"
-    offset = 132
-    while struct.unpack_from("<H", data, offset)[0] == 0x0002:
-        if data[offset + 4 : offset + 6] in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            offset += 12 + struct.unpack_from("<L", data, offset + 8)[0]
-        else:
-            offset += 8 + struct.unpack_from("<H", data, offset + 6)[0]
-    return offset
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -234,7 +218,7 @@ async def test_an_unchanged_sender_gets_every_sample_spooled_byte_for_byte(
             data = path.read_bytes()
             response = await assoc.store_file(context, str(metas[category].SOPClassUID),
                                               str(metas[category].SOPInstanceUID), path,
-                                              dataset_offset(data))
+                                              split_part10(data)[1])
             assert response.status == dimse.SUCCESS, category
     finally:
         await assoc.release()

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 from gateway_harness import GatewayThread
-from peers import make_us_image
+from peers import make_us_image, split_part10
 
 from gateway.dicom.fsm import Action
 from gateway.dicom.pdu import ContextProposal
@@ -33,11 +33,6 @@ async def _open(port: int, calling: str = "US_ROOM3") -> RequestorAssociation:
                  ContextProposal(3, US_IMAGE, (EXPLICIT_LE,))]
     return await RequestorAssociation.open("127.0.0.1", port, "DICOMGW", proposals,
                                            RequestorConfig(calling))
-
-
-def _dataset_offset(path: Path) -> int:
-    raw = path.read_bytes()
-    return 132 + 12 + int.from_bytes(raw[140:144], "little")
 
 
 def test_time_budget_aborts_a_lingering_association(tmp_path: Path) -> None:
@@ -68,7 +63,7 @@ def test_size_budget_aborts_and_keeps_nothing_partial(tmp_path: Path) -> None:
                 for image in images:
                     sop = f"1.2.826.0.1.3680043.8.498.99.{len(statuses) + 1}"
                     response = await association.store_file(context, US_IMAGE, sop, image,
-                                                            _dataset_offset(image))
+                                                            split_part10(image.read_bytes())[1])
                     statuses.append(response.status or 0)
             except (AssociationAborted, PeerTimeout, ConnectionError):
                 pass
@@ -135,7 +130,7 @@ def test_same_sop_instance_twice_is_stored_twice_and_counted(tmp_path: Path) -> 
             statuses = []
             for _ in range(2):
                 response = await association.store_file(context, US_IMAGE, sop, image,
-                                                        _dataset_offset(image))
+                                                        split_part10(image.read_bytes())[1])
                 statuses.append(response.status or 0)
             await association.release()
             return statuses
