@@ -28,6 +28,8 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -840,4 +843,23 @@ def dataset_bytes(path: Path) -> bytes:
     """The bytes of a Part-10 file after its file meta group, exactly as stored."""
     data = path.read_bytes()
     return data[split_part10(data)[1]:]
+
+
+def http_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, str]:
+    """(HTTP status, body) of ``GET http://127.0.0.1:<port><path>``; error statuses too."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def scraped_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` whose labels include ``labels`` in a Prometheus text
+    exposition, or None when there is none."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return None
 

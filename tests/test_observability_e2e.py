@@ -18,6 +18,7 @@ from peers import (
     PeerProcess,
     StoreSCP,
     free_port,
+    http_get,
     make_us_image,
     require_tool,
     run_echoscu,
@@ -34,14 +35,6 @@ from gateway.settings import Destination, Modality, RetryPolicy, Settings, Workl
 pytestmark = pytest.mark.peer
 DASHBOARD = Path(__file__).parents[1] / "grafana" / "dashboards" / "dicom-gateway.json"
 FAST_RETRY = RetryPolicy(base_delay=0.05, max_delay=0.2)
-
-
-def _scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def _sample(gw: GatewayThread, name: str, **labels: str) -> float:
@@ -87,7 +80,7 @@ def traffic(tmp_path: Path, store_scp: Callable[..., StoreSCP]) -> Iterator[Gate
 
 def test_metrics_after_real_traffic(traffic: GatewayThread) -> None:
     gw = traffic
-    status, text = _scrape(gw.http_port)
+    status, text = http_get(gw.http_port, "/metrics")
     assert status == 200
     promtool = require_tool("promtool")
     lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
@@ -179,13 +172,13 @@ def test_readyz_follows_the_high_water_mark(tmp_path: Path,
         destinations={"PACS_TEST": Destination(ae_title="PACS_TEST", host="127.0.0.1",
                                                port=pacs_port, retry=FAST_RETRY)})
     with GatewayThread(settings) as gw:
-        assert _scrape(gw.http_port, "/readyz")[0] == 200
+        assert http_get(gw.http_port, "/readyz")[0] == 200
         assert run_storescu(gw.port, [image], called_ae="DICOMGW").returncode == 0
-        status, body = _scrape(gw.http_port, "/readyz")
+        status, body = http_get(gw.http_port, "/readyz")
         assert status == 503 and "high-water" in body
         store_scp(ae_title="PACS_TEST", port=pacs_port, fork=True)  # echo probe + our association
         gw.wait_for(lambda g: g.delivered("PACS_TEST") == 1, 60)
-        assert _scrape(gw.http_port, "/readyz")[0] == 200
+        assert http_get(gw.http_port, "/readyz")[0] == 200
 
 
 def test_a_failing_journal_does_not_take_the_gateway_down_with_a_scrape(
@@ -196,12 +189,12 @@ def test_a_failing_journal_does_not_take_the_gateway_down_with_a_scrape(
                         rules_dir=rules)
     with GatewayThread(settings) as gw:
         assert gw.gateway is not None
-        assert _scrape(gw.http_port)[0] == 200
+        assert http_get(gw.http_port, "/metrics")[0] == 200
 
         async def broken() -> dict[str, object]:
             raise SpoolFull("the spool journal cannot be read: disk I/O error")
 
         monkeypatch.setattr(gw.gateway.spool, "counts", broken)
-        status, body = _scrape(gw.http_port)
+        status, body = http_get(gw.http_port, "/metrics")
         assert status == 200 and "dicomgw_queue_items" in body  # the last counts
         assert run_echoscu(gw.port, called_ae="DICOMGW").returncode == 0  # still serving

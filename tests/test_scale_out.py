@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import subprocess
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,13 @@ from peers import (
     HOST,
     StoreSCP,
     free_port,
+    http_get,
     make_us_image,
     peer_env,
     require_tool,
+    scraped_value,
     wait_until,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 GATEWAY_AE = "DICOMGW"
 SENDERS = 8
@@ -205,13 +205,10 @@ class Replica:
 
     def active_inbound_associations(self) -> float:
         """``dicomgw_associations_active{direction="in"}`` from the replica's ``/metrics``."""
-        with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "dicomgw_associations_active" and sample.labels.get("direction") == "in":
-                    return float(sample.value)
-        return 0.0
+        status, text = http_get(self.http_port, "/metrics", timeout=5)
+        assert status == 200, f"/metrics answered {status}"
+        value = scraped_value(text, "dicomgw_associations_active", direction="in")
+        return 0.0 if value is None else value
 
 
 @contextlib.contextmanager

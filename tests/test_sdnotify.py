@@ -15,8 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +23,7 @@ import anyio
 import pytest
 import yaml
 from gateway_harness import write_config
-from peers import HOST, free_port, make_us_image
-from prometheus_client.parser import text_string_to_metric_families
+from peers import HOST, free_port, http_get, make_us_image, scraped_value
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -142,22 +139,6 @@ def serve(config: Path, notify: NotifySocket, **env: str) -> Iterator[subprocess
             process.wait(TIMEOUT)
 
 
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=5) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def queue_items(metrics: str, destination: str) -> float:
-    for family in text_string_to_metric_families(metrics):
-        for sample in family.samples:
-            if sample.name == "dicomgw_queue_items" and sample.labels.get("destination") == destination:
-                return float(sample.value)
-    raise AssertionError(f"no dicomgw_queue_items for {destination} in the scrape")
-
-
 def c_echo(port: int) -> int:
     """C-ECHO with pynetdicom (an independent implementation); returns the DIMSE status."""
     ae = AE(ae_title="SDNOTIFY")
@@ -202,7 +183,8 @@ async def test_ready_comes_after_spool_recovery_then_watchdog_then_stopping(
         assert "spool recovered: 1 pending deliveries" in (tmp_path / "gw" / "gateway.log").read_text()
         assert c_echo(dicom_port) == 0x0000
         assert http_get(http_port, "/readyz")[0] == 200
-        assert queue_items(http_get(http_port, "/metrics")[1], DESTINATION) == 1
+        metrics = http_get(http_port, "/metrics")[1]
+        assert scraped_value(metrics, "dicomgw_queue_items", destination=DESTINATION) == 1
 
         # WATCHDOG=1 every WATCHDOG_USEC / 2 (0.1 s): the next two messages are pings
         pings = [notify.next(timeout=TIMEOUT) for _ in range(2)]
