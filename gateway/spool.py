@@ -611,12 +611,14 @@ class Spool:
         )
 
     async def sweep_retention(self) -> int:
-        """Delete delivered files whose retention ran out, forget old finished rows, and re-read
-        the used bytes from the journal. Call it periodically (e.g. every minute)."""
+        """Delete delivered files whose retention ran out, cut the spare files to zero, forget old
+        finished rows, and re-read the used bytes from the journal. Call it periodically (e.g.
+        every minute)."""
         return await self._call(partial(self._sweep, self._clock()), "sweeping retention")
 
     def _sweep(self, now: float) -> int:
         swept = self._expire(now)
+        self._spares.trim()  # what recycled spares kept of delivered objects goes now
         while self._locked(
             partial(self._journal.prune, now - max(self._history, self._retention), SWEEP_CHUNK)
         ):

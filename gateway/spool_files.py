@@ -4,8 +4,8 @@ Invariants (the argument is in ``docs/spool.md``): every name is the spool's own
 never from anything a peer sent); temp files are created ``O_CREAT|O_EXCL``, mode 0640; a spare file
 holds no object and no journal row refers to it (created empty, or an object file a durable
 transaction released, renamed into ``spare/`` and cut to at most ``RECYCLED_KEEP_BYTES``, which the next
-object overwrites; its commit cuts what it did not overwrite), so recovery deletes whatever ``spare/``
-holds.
+object overwrites; its commit cuts what it did not overwrite, and the retention sweep cuts every
+spare to zero), so recovery deletes whatever ``spare/`` holds.
 """
 
 from __future__ import annotations
@@ -174,13 +174,33 @@ class SpareFiles:
             os.close(fd)
             unlink_quietly(Path(spare))
             return True
+        self._put_back(fd, spare)
+        return True
+
+    def trim(self) -> None:
+        """Cut every ready spare to zero (any thread but the loop's), so the bytes a recycled spare
+        kept of a delivered object stay on disk only until the next sweep. Each spare is taken off
+        the queue while it is cut, so ``take()`` never hands out one being cut."""
+        for _ in range(len(self._ready)):
+            try:
+                fd, path = self._ready.popleft()
+            except IndexError:
+                return
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                os.close(fd)
+                unlink_quietly(Path(path))
+                continue
+            self._put_back(fd, path)
+
+    def _put_back(self, fd: int, path: str) -> None:
         with self._closing:
             if not self._closed:
-                self._ready.append((fd, spare))
-                return True
+                self._ready.append((fd, path))
+                return
         os.close(fd)
-        unlink_quietly(Path(spare))
-        return True
+        unlink_quietly(Path(path))
 
     def _name(self) -> str:
         return str(self._directory / f"{next(self._names):016x}.part")

@@ -361,6 +361,28 @@ async def test_a_released_file_becomes_a_spare_that_a_later_object_overwrites(
     assert stored.path.stat().st_size == stored.size < first.size
 
 
+async def test_the_retention_sweep_cuts_what_recycled_spares_kept(
+    make_spool: Callable[..., Spool], fs: FakeFS
+) -> None:
+    spool = make_spool(release_delay=0.0)  # released before record_attempt() returns
+    await spool.open()
+    first = await store(spool, "1.2.3.1", data=dataset_bytes("1.2.3.1", pixels=1 << 16))
+    inode = first.path.stat().st_ino
+    await spool.record_attempt(first.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
+                               dead=False)
+    (spare,) = [p for p in files_under(spool.root / "spare") if p.stat().st_ino == inode]
+    assert spare.stat().st_size == first.size  # the delivered object's bytes, kept for reuse
+
+    await spool.sweep_retention()
+
+    assert spare.stat().st_size == 0
+    for i in range(SPARE_FILES + 1):  # a cut spare still takes the next objects
+        small = dataset_bytes(f"1.2.4.{i}")
+        stored = await store(spool, f"1.2.4.{i}", data=small)
+        assert stored.path.read_bytes()[stored.dataset_offset:] == small
+    assert files_under(spool.root / "tmp") == []
+
+
 async def test_a_spare_recycled_while_short_of_space_keeps_no_blocks(
     make_spool: Callable[..., Spool], fs: FakeFS
 ) -> None:
