@@ -75,6 +75,7 @@ RESCAN = 5.0
 PROBE_INTERVAL = 30.0
 _EVERYTHING = 0  # ``after`` for a read from the start of the queue
 _NOWHERE = 1 << 62  # no request to read from lower down
+_JUDGED = 64  # response statuses a forwarder remembers the judgement of
 
 
 class NoContext(GatewayError):
@@ -148,6 +149,7 @@ class Forwarder:
         self._tasks: TaskGroup | None = None
         self._paused_until = 0.0
         self._failures = 0
+        self._judged: dict[int, tuple[Outcome, str]] = {}  # status -> (outcome, explanation)
         self._last_success = 0.0
 
     def wake(self, instance_id: int | None = None) -> None:
@@ -254,6 +256,18 @@ class Forwarder:
             self._rescan = True  # a retry only the journal knows of, or the RESCAN timer
 
     # ------------------------------------------------------------------------------- sending
+
+    def judge(self, status: int) -> tuple[Outcome, str]:
+        """``classify_status`` and ``explain_status`` of a response status with this destination's
+        overrides. Both are pure, so each status is judged once (at most ``_JUDGED`` remembered:
+        a peer cannot grow the table without bound)."""
+        judged = self._judged.get(status)
+        if judged is None:
+            overrides = self.destination.retry.status_overrides
+            judged = (classify_status(status, overrides), explain_status(status, overrides))
+            if len(self._judged) < _JUDGED:
+                self._judged[status] = judged
+        return judged
 
     async def _take(self, timeout: float | None) -> Delivery | None:
         while not self.queue:
@@ -399,9 +413,9 @@ class Session:
             failure = failure_of(exc)
             return Attempt(classify_failure(failure.kind, rj=failure.rj), None, self._explain(failure))
         status = response.status if response.status is not None else 0xC000
-        outcome = classify_status(status, f.destination.retry.status_overrides)
-        detail = explain_status(status, f.destination.retry.status_overrides)
-        return Attempt(outcome, status, detail, comment=one_line(response.error_comment or ""))
+        outcome, detail = f.judge(status)
+        comment = one_line(response.error_comment) if response.error_comment else ""
+        return Attempt(outcome, status, detail, comment=comment)
 
     def _explain(self, failure: Failure) -> str:
         f = self.forwarder

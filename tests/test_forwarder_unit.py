@@ -24,9 +24,11 @@ from prometheus_client import CollectorRegistry
 
 from gateway import forwarder as forwarder_module
 from gateway.errors import SpoolFull
+from gateway.explain import explain_status
 from gateway.forwarder import Attempt, Forwarder, Sender
 from gateway.journal import Delivery
 from gateway.metrics import Metrics
+from gateway.retry import classify_status
 from gateway.settings import Destination, RetryPolicy
 from gateway.spool import Spool
 
@@ -400,3 +402,27 @@ async def test_a_full_queue_is_refilled_from_where_it_stopped_in_arrival_order(
         await changes.wait_for(lambda: len(rig.observed) == 20, "everything delivered")
     assert rig.pacs.sent == list(range(1, 21))
     assert rig.spool.rows_read <= 20 + 20, "the rows in flight are not read again and again"
+
+
+# ------------------------------------------------------------------------------ judging statuses
+
+
+def test_a_status_is_judged_with_the_destination_s_overrides_and_remembered_within_a_bound(
+    tmp_path: Path,
+) -> None:
+    destination = Destination(ae_title="PACS", host="127.0.0.1", port=free_port(),
+                              retry=RetryPolicy(status_overrides={"B000": "permanent"}))
+    metrics = Metrics(CollectorRegistry(), destinations=(NAME,), known_calling_aes=())
+    f = Forwarder(NAME, destination, MemorySpool(tmp_path / "spool", Changes()), metrics,
+                  calling_ae="DICOMGW")
+    overrides = destination.retry.status_overrides
+
+    for status in (0x0000, 0xB000, 0xA700, 0xB000, 0xC123):
+        assert f.judge(status) == (classify_status(status, overrides),
+                                   explain_status(status, overrides))
+    assert f.judge(0xB000)[0] == "permanent"  # the override, not the default (a warning)
+    assert f.judge(0x0000)[0] == "delivered"
+    for status in range(0xC000, 0xC400):  # a peer inventing statuses cannot grow the table
+        assert f.judge(status) == (classify_status(status, overrides),
+                                   explain_status(status, overrides))
+    assert len(f._judged) <= 64
