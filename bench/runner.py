@@ -56,6 +56,8 @@ TARGETS: tuple[Target, ...] = (
            ">=", 2.5),
     Target("ingest_vs_direct", "ingest / direct DCMTK hop (images/s)", "ingest", "reference", "rate",
            ">=", 0.8),
+    Target("ingest_vs_durable_peer", "ingest / Orthanc storing (both sync every object; images/s)",
+           "ingest", "orthanc-ingest", "rate"),
     Target("fanout_vs_one", "fan-out to two / one destination (images/s)", "fanout", "e2e", "rate",
            ">=", 0.8),
     Target("concurrency_vs_one", "8 senders / one sender, end to end (images/s)", "concurrency", "e2e",

@@ -321,6 +321,18 @@ def peer(ctx: Context, repeat: int) -> Rows:
         return {"orthanc": _transfer(files, ctx.corpus, landed, [orthanc, scp], ingest_seconds=ingested)}
 
 
+def durable_peer(ctx: Context, repeat: int) -> Rows:
+    """storescu -> Orthanc storing only: a receiver that, like the gateway, syncs every object to
+    disk before it answers (the direct DCMTK hop never syncs)."""
+    files = ctx.corpus.us
+    with ctx.work("durable-peer", repeat) as work, Orthanc(work / "orthanc") as orthanc:
+        started = time.perf_counter()
+        client = _send(orthanc.dicom_port, files, "ORTHANC", ctx.timeout)
+        seconds = time.perf_counter() - started
+        return {"orthanc-ingest": _transfer(files, ctx.corpus, seconds, [orthanc],
+                                            client_cpu_seconds=client)}
+
+
 def mixed(ctx: Context, repeat: int) -> Rows:
     files = (*ctx.corpus.ct, *ctx.corpus.cine)
     with ctx.work("mixed-direct", repeat) as work:
@@ -495,6 +507,8 @@ SCENARIOS: Mapping[str, Scenario] = {s.name: s for s in (
              "8 storescu at once -> gateway (associations: 4) -> storescp --fork",
              concurrency_associations),
     Scenario("peer", ("orthanc",), "storescu -> Orthanc (Lua send + delete) -> storescp", peer),
+    Scenario("durable-peer", ("orthanc-ingest",),
+             "storescu -> Orthanc storing only (fsync per file, like the gateway's ingest)", durable_peer),
     Scenario("mixed", ("mixed-direct", "mixed-e2e"),
              "CT slices + US cine loops: direct hop vs through the gateway", mixed),
     Scenario("mwl", ("mwl-direct", "mwl-gateway"), "findscu -W: wlmscpfs directly vs through the gateway",
@@ -504,6 +518,6 @@ SCENARIOS: Mapping[str, Scenario] = {s.name: s for s in (
              prepare_memory),
     Scenario("routing", ("routing",), "route() with 1,000 rules, in process", routing, prepare_routing),
 )}
-DEFAULT = ("reference", "ingest", "e2e", "fanout", "concurrency", "concurrency4", "peer", "mixed", "mwl",
-           "memory", "routing")
+DEFAULT = ("reference", "ingest", "e2e", "fanout", "concurrency", "concurrency4", "peer", "durable-peer",
+           "mixed", "mwl", "memory", "routing")
 SMOKE = ("reference", "ingest", "e2e", "routing")

@@ -274,11 +274,13 @@ end
 
 
 class Orthanc(Server):
-    """Orthanc whose Lua ``OnStoredInstance`` sends every instance to ``destination`` and deletes it."""
+    """Orthanc whose Lua ``OnStoredInstance`` sends every instance to ``destination`` and deletes it;
+    without a destination, a plain store. Either way it fsyncs every file it stores
+    (``SyncStorageArea``, Orthanc's default since 1.7.4) and indexes it in SQLite."""
 
     name = "orthanc"
 
-    def __init__(self, directory: Path, destination: tuple[str, str, int]) -> None:
+    def __init__(self, directory: Path, destination: tuple[str, str, int] | None = None) -> None:
         self.dicom_port = free_port()
         self.http_port = free_port()
         directory.mkdir(parents=True, exist_ok=True)
@@ -293,8 +295,9 @@ class Orthanc(Server):
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
-            "DicomModalities": {"DEST": list(destination)},
-            "LuaScripts": [str(directory / "router.lua")],
+            "DicomModalities": {"DEST": list(destination)} if destination else {},
+            "LuaScripts": [str(directory / "router.lua")] if destination else [],
+            "SyncStorageArea": True,
             "SaveJobs": False,
             "Plugins": [],
         }

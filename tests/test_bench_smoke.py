@@ -63,6 +63,26 @@ def test_smoke_run_measures_every_scenario_and_writes_results(
 
 
 @pytest.mark.peer
+def test_the_orthanc_rows_run_in_smoke_mode_and_feed_their_ratios(tmp_path: Path) -> None:
+    for name in ("storescp", "storescu", "echoscu", "Orthanc"):
+        require_tool(name)
+
+    assert main(["--smoke", "--scenarios", "ingest,durable-peer,e2e,peer",
+                 "--out", str(tmp_path)]) == 0
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["failed"] == {}
+    for name in ("orthanc-ingest", "orthanc"):
+        row = results["rows"][name]
+        assert row["rate_per_second"] > 0, name
+        assert row["servers"]["orthanc"]["peak_rss_mb"] > 0, name
+    ratios = {r["name"]: r for r in results["ratios"]}
+    assert ratios["ingest_vs_durable_peer"]["value"] > 0
+    assert ratios["ingest_vs_durable_peer"]["met"] is None  # reported, no target
+    assert ratios["e2e_vs_orthanc"]["value"] > 0
+
+
+@pytest.mark.peer
 def test_the_ab_tool_compares_two_checkouts_round_by_round(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("storescp", "storescu", "echoscu"):
