@@ -361,16 +361,27 @@ async def test_a_released_file_becomes_a_spare_that_a_later_object_overwrites(
     assert stored.path.stat().st_size == stored.size < first.size
 
 
-async def test_the_retention_sweep_cuts_what_recycled_spares_kept(
-    make_spool: Callable[..., Spool], fs: FakeFS
-) -> None:
-    spool = make_spool(release_delay=0.0)  # released before record_attempt() returns
+async def deliver_and_recycle(
+    spool: Spool, before_delivery: Callable[[], object] = lambda: None
+) -> tuple[StoredInstance, Path]:
+    """Store one object, record it delivered (``release_delay`` 0: released and recycled before
+    ``record_attempt()`` returns); the object and the spare its file became."""
     await spool.open()
     first = await store(spool, "1.2.3.1", data=dataset_bytes("1.2.3.1", pixels=1 << 16))
     inode = first.path.stat().st_ino
+    before_delivery()
     await spool.record_attempt(first.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
                                dead=False)
+    assert not first.path.exists()
     (spare,) = [p for p in files_under(spool.root / "spare") if p.stat().st_ino == inode]
+    return first, spare
+
+
+async def test_the_retention_sweep_cuts_what_recycled_spares_kept(
+    make_spool: Callable[..., Spool]
+) -> None:
+    spool = make_spool(release_delay=0.0)
+    first, spare = await deliver_and_recycle(spool)
     assert spare.stat().st_size == first.size  # the delivered object's bytes, kept for reuse
 
     await spool.sweep_retention()
@@ -386,16 +397,10 @@ async def test_the_retention_sweep_cuts_what_recycled_spares_kept(
 async def test_a_spare_recycled_while_short_of_space_keeps_no_blocks(
     make_spool: Callable[..., Spool], fs: FakeFS
 ) -> None:
-    spool = make_spool(release_delay=0.0)  # released before record_attempt() returns
-    await spool.open()
-    first = await store(spool, "1.2.3.1", data=dataset_bytes("1.2.3.1", pixels=1 << 16))
-    inode = first.path.stat().st_ino
-    fs.free_fraction = 0.01  # below spool_min_free_fraction: space is wanted
-    await spool.record_attempt(first.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
-                               dead=False)
+    def short_of_space() -> None:
+        fs.free_fraction = 0.01  # below spool_min_free_fraction: space is wanted
 
-    assert not first.path.exists()
-    (spare,) = [p for p in files_under(spool.root / "spare") if p.stat().st_ino == inode]
+    _, spare = await deliver_and_recycle(make_spool(release_delay=0.0), short_of_space)
     assert spare.stat().st_size == 0
 
 
