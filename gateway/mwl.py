@@ -331,8 +331,7 @@ class WorklistProxy:
         return self.upstreams_by_calling_ae.get(calling_ae.strip(), self.upstream)
 
     def _config(self, upstream: Worklist) -> RequestorConfig:
-        return RequestorConfig(self.calling_ae, connect_timeout=upstream.connect_timeout,
-                               dimse_timeout=upstream.dimse_timeout, ssl=peer_ssl(upstream))
+        return requestor_config(upstream, self.calling_ae)
 
     async def find(self, info: AssociationInfo, request: FindRequest) -> AsyncIterator[FindResponse]:
         upstream = self.upstream_for(info.calling_ae)
@@ -455,6 +454,12 @@ def _since(started: float | None) -> float | None:
 # --- doctor --------------------------------------------------------------------------------------
 
 
+def requestor_config(upstream: Worklist, calling_ae: str) -> RequestorConfig:
+    """How the gateway calls ``upstream``: its timeouts and TLS, our AE title."""
+    return RequestorConfig(calling_ae, connect_timeout=upstream.connect_timeout,
+                           dimse_timeout=upstream.dimse_timeout, ssl=peer_ssl(upstream))
+
+
 async def check_worklist(upstream: Worklist, calling_ae: str,
                          config_key: str = "worklist") -> tuple[bool, str]:
     """C-ECHO and an empty-result worklist query against ``upstream``: (ok, plain-words why).
@@ -475,10 +480,8 @@ async def check_worklist(upstream: Worklist, calling_ae: str,
 async def _check(upstream: Worklist, calling_ae: str) -> str:
     proposals = (ContextProposal(1, VERIFICATION, (IMPLICIT_LE,)),
                  ContextProposal(3, MODALITY_WORKLIST_FIND, _FALLBACK_SYNTAXES))
-    config = RequestorConfig(calling_ae, connect_timeout=upstream.connect_timeout,
-                             dimse_timeout=upstream.dimse_timeout, ssl=peer_ssl(upstream))
     assoc = await RequestorAssociation.open(upstream.host, upstream.port, upstream.ae_title,
-                                            proposals, config)
+                                            proposals, requestor_config(upstream, calling_ae))
     try:
         echo = await _echo(assoc)
         context = assoc.context_for(MODALITY_WORKLIST_FIND, _FALLBACK_SYNTAXES)
