@@ -1028,27 +1028,38 @@ async def test_a_delivered_file_is_deleted_only_after_a_durable_commit(
     assert files_under(spool.root / "objects") == []
 
 
+def watch_releases(spool: Spool, before: Callable[[], object] = lambda: None) -> asyncio.Event:
+    """An event set once a release transaction (``Spool._expire``, on a spool thread) released
+    files; ``before`` runs ahead of each one (and may raise to fail it)."""
+    loop = asyncio.get_running_loop()
+    released = asyncio.Event()
+    real_expire = spool._expire
+
+    def expire(now: float) -> int:
+        before()
+        count = real_expire(now)
+        if count:
+            loop.call_soon_threadsafe(released.set)
+        return count
+
+    spool._expire = expire  # type: ignore[method-assign]
+    return released
+
+
 async def test_a_failed_release_after_recording_fails_no_attempt_and_is_retried(
     make_spool: Callable[..., Spool],
 ) -> None:
     spool = make_spool(release_delay=0.0)  # release at once, in the journal thread's job
     await spool.open()
     stored = await store(spool)
-    loop = asyncio.get_running_loop()
-    released = asyncio.Event()
-    real_expire = spool._expire
     calls: list[int] = []
 
-    def flaky_expire(now: float) -> int:
+    def fail_once() -> None:
         calls.append(1)
         if len(calls) == 1:
             raise sqlite3.OperationalError("disk I/O error")
-        count = real_expire(now)
-        if count:
-            loop.call_soon_threadsafe(released.set)
-        return count
 
-    spool._expire = flaky_expire  # type: ignore[method-assign]
+    released = watch_releases(spool, before=fail_once)
     await spool.record_attempt(stored.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
                                dead=False)  # does not raise: the attempt itself was recorded
     async with asyncio.timeout(TIMEOUT):
@@ -1064,17 +1075,7 @@ async def test_without_ingest_a_release_of_its_own_follows_within_the_delay(
     spool = make_spool(release_delay=0.01)
     await spool.open()
     stored = await store(spool)
-    loop = asyncio.get_running_loop()
-    released = asyncio.Event()
-    real_expire = spool._expire
-
-    def expire(now: float) -> int:
-        count = real_expire(now)
-        if count:
-            loop.call_soon_threadsafe(released.set)
-        return count
-
-    spool._expire = expire  # type: ignore[method-assign]
+    released = watch_releases(spool)
     await spool.record_attempt(stored.id, "PACS_A", "delivered", 0, "", next_attempt_at=None,
                                dead=False)
     async with asyncio.timeout(TIMEOUT):
