@@ -182,6 +182,14 @@ async def read_until_closed(reader: asyncio.StreamReader, timeout: float = WAIT)
 # ------------------------------------------------------------------------ association control
 
 
+
+async def expect_provider_abort(assoc: RequestorAssociation) -> None:
+    """The next PDU is an A-ABORT from the gateway (source: service provider); then hang up."""
+    _, body, action = await assoc.channel.read_pdu(WAIT)
+    assoc.channel.close()
+    assert action is Action.ABORT_INDICATION
+    assert pdu.decode_abort(body)[0] == pdu.ABORT_SOURCE_PROVIDER
+
 async def test_a_wrong_called_ae_title_is_rejected_1_1_7_and_counted(gw: GatewayThread) -> None:
     with pytest.raises(AssociationRejected) as raised:
         await associate(gw.port, called_ae="NOT_THE_GATEWAY")
@@ -276,11 +284,7 @@ async def test_a_c_store_request_without_a_dataset_is_aborted_before_any_spool_f
     assoc.channel.fire(Event.LOCAL_DATA)
     assoc.channel.send(pdu.encode_pdata(context.id, 0x03, command))
     await assoc.channel.drain(WAIT)
-    _, body, action = await assoc.channel.read_pdu(WAIT)
-    assoc.channel.close()
-
-    assert action is Action.ABORT_INDICATION
-    assert pdu.decode_abort(body)[0] == pdu.ABORT_SOURCE_PROVIDER
+    await expect_provider_abort(assoc)
     await watch.wait(lambda w: len(w.ended) == 1)
     assert watch.begun == 0  # refused before a reception (and its spool file) began
 
@@ -365,10 +369,7 @@ async def test_a_pdata_pdu_over_the_negotiated_maximum_is_aborted(
         assoc.channel.send(pdu.encode_pdata(context.id, 0x03, dimse.store_rq(1, US, "1.2.3")))
         assoc.channel.send(pdu.encode_pdata(context.id, 0x00, b"\0" * (16384 + 100)))
         await assoc.channel.drain(WAIT)
-        _, body, action = await assoc.channel.read_pdu(WAIT)
-        assoc.channel.close()
-        assert action is Action.ABORT_INDICATION
-        assert pdu.decode_abort(body)[0] == pdu.ABORT_SOURCE_PROVIDER
+        await expect_provider_abort(assoc)
         await watch.wait(lambda w: len(w.ended) == 1)
         assert spool_files(tmp_path / "spool" / "tmp") == []
 
@@ -531,8 +532,5 @@ async def test_shutdown_aborts_associations_still_open_without_asyncio_errors(
         assoc = await associate(gateway.port)
         assert await assoc.echo() == dimse.SUCCESS
         await asyncio.to_thread(gateway.stop)  # drains for 0.2 s, then aborts the association
-    _, body, action = await assoc.channel.read_pdu(WAIT)
-    assoc.channel.close()
-    assert action is Action.ABORT_INDICATION
-    assert pdu.decode_abort(body)[0] == pdu.ABORT_SOURCE_PROVIDER
+    await expect_provider_abort(assoc)
     assert not [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
