@@ -12,7 +12,7 @@ import pytest
 from gateway.dicom import pdu
 from gateway.dicom.channel import INITIAL_BUFFER, Channel, PduProtocol, receive_capacity
 from gateway.dicom.fsm import Action, State
-from gateway.errors import AssociationAborted
+from gateway.errors import AssociationAborted, PeerTimeout
 
 HOST = "127.0.0.1"
 WAIT = 10.0
@@ -87,6 +87,30 @@ async def test_an_association_pdu_larger_than_the_buffer_grows_it(
 
     assert (pdu_type, action) == (pdu.ASSOCIATE_RQ, Action.EVALUATE_RQ)
     assert bytes(body) == payload
+
+
+async def test_a_buffered_pdu_is_read_at_once_and_a_partial_one_waits_until_its_timeout(
+    connect: Callable[[State], asyncio.Task[tuple[Channel, asyncio.StreamWriter]]],
+) -> None:
+    channel, peer = await connect(State.STA6)
+    second = pdata(2)
+    peer.write(pdata(1) + pdata(3) + second[:100])
+    await peer.drain()
+
+    _, body, _ = await channel.read_pdu(WAIT)
+    assert body[-1] == 1
+    async with asyncio.timeout(WAIT):  # event-driven: each wait returns when bytes arrive
+        while channel.protocol.buffered < len(pdata(3)) + 100:
+            await channel.protocol.wait_for_data()
+    _, body, _ = await channel.read_pdu(0)  # all of it is here: no wait, so no timeout either
+    assert body[-1] == 3
+    with pytest.raises(PeerTimeout, match="no PDU from"):
+        await channel.read_pdu(0.2)  # the peer stopped mid-PDU
+
+    peer.write(second[100:])  # the rest arrives late: the PDU is whole again
+    _, body, action = await channel.read_pdu(WAIT)
+    assert action is Action.DELIVER_DATA
+    assert bytes(body) == second[6:]
 
 
 async def test_a_connection_closed_mid_pdu_is_an_abort(

@@ -211,23 +211,34 @@ class Channel:
     async def read_pdu(self, timeout: float | None) -> tuple[int, memoryview, Action]:
         """Read one PDU; returns (type, body, action the state machine asks for). The body is lent:
         it is valid until the next ``read_pdu``."""
-        protocol = self.protocol
-        protocol.take_back()
+        self.protocol.take_back()
+        frame = self._take_pdu()
+        if frame is None:  # not all here yet: only then is a timer armed (one per wait, not per PDU)
+            frame = await self._await_pdu(timeout)
+        pdu_type = frame[0]
+        return pdu_type, frame[6:], self._fire_received(pdu_type)
+
+    def _take_pdu(self) -> memoryview | None:
+        """The next whole PDU (header included) if it has all arrived, else None."""
+        header = self.protocol.peek_header()
+        if header is None:
+            return None
+        pdu_type, length = header
+        self._check_length(pdu_type, length)
+        return self.protocol.take(6 + length)
+
+    async def _await_pdu(self, timeout: float | None) -> memoryview:
         try:
             async with asyncio.timeout(timeout):
-                while (header := protocol.peek_header()) is None:
-                    await protocol.wait_for_data()
-                pdu_type, length = header
-                self._check_length(pdu_type, length)
-                while (frame := protocol.take(6 + length)) is None:
-                    await protocol.wait_for_data()
+                while (frame := self._take_pdu()) is None:
+                    await self.protocol.wait_for_data()
         except TimeoutError:
             raise PeerTimeout(f"no PDU from {self.peer} within {timeout:g} s") from None
         except ConnectionError as exc:
             if (self.fsm.state, Event.TRANSPORT_CLOSED) in TRANSITIONS:
                 self.fsm.fire(Event.TRANSPORT_CLOSED)
             raise AssociationAborted(f"connection from {self.peer} closed: {exc!s}") from None
-        return pdu_type, frame[6:], self._fire_received(pdu_type)
+        return frame
 
     def _check_length(self, pdu_type: int, length: int) -> None:
         if pdu_type not in pdu.PDU_TYPES:
