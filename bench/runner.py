@@ -300,6 +300,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem ``path`` is on (``tmpfs``, ``ext4``...), from /proc/mounts."""
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    target = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 CREATE_PROBE_FILES = 200
 
 
@@ -363,7 +382,8 @@ def markdown(report: Report) -> str:
            f"{info['nproc']} CPU ({info['cpu_model']}), Python {info['python']}, {info['dcmtk']}, "
            f"{info['orthanc']}; creating a file took {info.get('file_create_us_at_start', 0):.0f} µs "
            f"at the start and {info.get('file_create_us_at_end', 0):.0f} µs at the end (it sets the "
-           "pace of the storescp rows on some disks: docs/performance.md)", "",
+           "pace of the storescp rows on some disks: docs/performance.md); storescp wrote into the "
+           f"{info.get('receivers', 'working folder')}", "",
            "| row | n | median s | rate | MB/s | gateway CPU s (event loop) | gateway peak RSS MB "
            "| other servers (CPU s / peak RSS MB) | other load |",
            "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -436,6 +456,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="corpus, working folders and results.json (default bench/out)")
     parser.add_argument("--seed", type=int, default=20240601, help="corpus seed")
     parser.add_argument("--keep", action="store_true", help="keep the working folders (logs, spools)")
+    parser.add_argument("--receivers", type=Path, default=None, metavar="DIR",
+                        help="storescp writes what it receives under DIR (e.g. /dev/shm, a tmpfs) "
+                             "instead of the working folder on the disk under test; the gateway's "
+                             "spool stays on that disk")
     parser.add_argument("--profile", action="store_true",
                         help="sample the gateway with py-spy during the first repeat of each of its rows")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -462,8 +486,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     profiler = _profiler(out) if args.profile else None
-    ctx = Context(out, profile, seed=args.seed, keep=args.keep, profiler=profiler)
+    receivers: Path | None = args.receivers.resolve() if args.receivers is not None else None
+    if receivers is not None:
+        receivers.mkdir(parents=True, exist_ok=True)
+    ctx = Context(out, profile, seed=args.seed, keep=args.keep, profiler=profiler, receivers=receivers)
     info = machine()
+    info["receivers"] = ("working folder" if receivers is None
+                         else f"{receivers} ({filesystem_type(receivers)})")
     info["file_create_us_at_start"] = file_create_us(out)
 
     def progress(message: str) -> None:

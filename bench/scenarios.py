@@ -100,8 +100,11 @@ class Context:
 
     def __init__(self, out: Path, profile: Profile, *, seed: int, keep: bool = False,
                  profiler: Callable[[Server, str], contextlib.AbstractContextManager[None]] | None = None,
-                 gateway_tree: Path | None = None) -> None:
+                 gateway_tree: Path | None = None, receivers: Path | None = None) -> None:
         self.out = out
+        # where the DCMTK receivers (storescp) write; None: each repeat's working folder, on the
+        # disk under test (docs/performance.md, "Where the receivers write")
+        self.receivers = receivers
         self.gateway_tree = gateway_tree  # None: this checkout's gateway (bench.ab sets another)
         self.profile = profile
         self.seed = seed
@@ -138,6 +141,15 @@ class Context:
         finally:
             if not self.keep:
                 shutil.rmtree(path, ignore_errors=True)
+                if self.receivers is not None:
+                    shutil.rmtree(self.receivers / path.name, ignore_errors=True)
+
+    def received(self, work: Path, name: str) -> Path:
+        """The folder a storescp of this repeat writes into: ``work / name``, or the same name
+        under ``receivers`` when the receivers write elsewhere (a tmpfs, say)."""
+        if self.receivers is None:
+            return work / name
+        return self.receivers / work.name / name
 
     def gateway(self, directory: Path, **options: Any) -> Gateway:
         """The gateway under test (from ``gateway_tree`` when set), not yet started."""
@@ -212,7 +224,7 @@ def _count_files(directory: Path, pattern: str = "*") -> int:
 
 def _relay(ctx: Context, row: str, repeat: int, work: Path, files: Sequence[Path]) -> Sample:
     """storescu -> gateway -> storescp; seconds until the last file landed."""
-    with StoreSCP(work / "received") as scp, Landing([scp.directory]) as landing, \
+    with StoreSCP(ctx.received(work, "received")) as scp, Landing([scp.directory]) as landing, \
             ctx.gateway(work / "gateway", destinations={"DEST": (scp.ae_title, scp.port)},
                         rules=ROUTE_ALL) as gateway, ctx.profiled(gateway, row, repeat):
         started = time.perf_counter()
@@ -224,7 +236,7 @@ def _relay(ctx: Context, row: str, repeat: int, work: Path, files: Sequence[Path
 
 
 def _direct(ctx: Context, work: Path, files: Sequence[Path]) -> Sample:
-    with StoreSCP(work / "received") as scp:
+    with StoreSCP(ctx.received(work, "received")) as scp:
         started = time.perf_counter()
         client = _send(scp.port, files, scp.ae_title, ctx.timeout)
         seconds = time.perf_counter() - started
@@ -265,7 +277,8 @@ def end_to_end(ctx: Context, repeat: int) -> Rows:
 def fan_out(ctx: Context, repeat: int) -> Rows:
     files = ctx.corpus.us
     with ctx.work("fanout", repeat) as work, \
-            StoreSCP(work / "a", ae_title="PACS_A") as a, StoreSCP(work / "b", ae_title="PACS_B") as b, \
+            StoreSCP(ctx.received(work, "a"), ae_title="PACS_A") as a, \
+            StoreSCP(ctx.received(work, "b"), ae_title="PACS_B") as b, \
             Landing([a.directory, b.directory]) as landing, \
             ctx.gateway(work / "gateway", rules=FAN_OUT,
                         destinations={"PACS_A": (a.ae_title, a.port), "PACS_B": (b.ae_title, b.port)}
@@ -292,7 +305,7 @@ def _concurrent(ctx: Context, repeat: int, row: str, *, associations: int) -> Ro
     senders = ctx.profile.senders
     chunks = [files[i::senders] for i in range(senders)]
     fork = ("--fork",) if associations > 1 else ()
-    with ctx.work(row, repeat) as work, StoreSCP(work / "received", extra=fork) as scp, \
+    with ctx.work(row, repeat) as work, StoreSCP(ctx.received(work, "received"), extra=fork) as scp, \
             Landing([scp.directory]) as landing, \
             ctx.gateway(work / "gateway", rules=ROUTE_ALL, settings={"destinations": {"DEST": {
                 "ae_title": scp.ae_title, "host": HOST, "port": scp.port,
@@ -311,7 +324,7 @@ def _concurrent(ctx: Context, repeat: int, row: str, *, associations: int) -> Ro
 
 def peer(ctx: Context, repeat: int) -> Rows:
     files = ctx.corpus.us
-    with ctx.work("peer", repeat) as work, StoreSCP(work / "received") as scp, \
+    with ctx.work("peer", repeat) as work, StoreSCP(ctx.received(work, "received")) as scp, \
             Landing([scp.directory]) as landing, \
             Orthanc(work / "orthanc", ("STORESCP", "127.0.0.1", scp.port)) as orthanc:
         started = time.perf_counter()

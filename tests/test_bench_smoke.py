@@ -63,6 +63,32 @@ def test_smoke_run_measures_every_scenario_and_writes_results(
 
 
 @pytest.mark.peer
+def test_the_receivers_can_write_outside_the_disk_under_test(tmp_path: Path) -> None:
+    """``--receivers DIR``: every storescp writes under DIR, the gateway's spool stays in the
+    working folder, and the report says where the receivers wrote."""
+    for name in ("storescp", "storescu", "echoscu"):
+        require_tool(name)
+    out, receivers = tmp_path / "out", tmp_path / "receivers"
+
+    assert main(["--smoke", "--scenarios", "reference,e2e,fanout", "--keep", "--out", str(out),
+                 "--receivers", str(receivers)]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["failed"] == {}
+    assert results["machine"]["receivers"].startswith(str(receivers))
+    images = results["rows"]["e2e"]["count"]
+    for folder in ("reference-r0/received", "e2e-r0/received", "fanout-r0/a", "fanout-r0/b"):
+        assert len(list((receivers / folder).iterdir())) == images, folder
+    assert not (out / "work" / "e2e-r0" / "received").exists()
+    assert (out / "work" / "e2e-r0" / "gateway" / "spool").is_dir()
+
+
+def test_the_filesystem_of_a_path_is_found_in_the_mount_table() -> None:
+    assert runner.filesystem_type(Path("/proc/self")) == "proc"
+    assert runner.filesystem_type(Path("/")) != "unknown"
+
+
+@pytest.mark.peer
 def test_the_orthanc_rows_run_in_smoke_mode_and_feed_their_ratios(tmp_path: Path) -> None:
     for name in ("storescp", "storescu", "echoscu", "Orthanc"):
         require_tool(name)
