@@ -382,8 +382,8 @@ def markdown(report: Report) -> str:
            f"{info['nproc']} CPU ({info['cpu_model']}), Python {info['python']}, {info['dcmtk']}, "
            f"{info['orthanc']}; creating a file took {info.get('file_create_us_at_start', 0):.0f} µs "
            f"at the start and {info.get('file_create_us_at_end', 0):.0f} µs at the end (it sets the "
-           "pace of the storescp rows on some disks: docs/performance.md); storescp wrote into the "
-           f"{info.get('receivers', 'working folder')}", "",
+           "pace of the storescp rows on some disks: docs/performance.md); storescp wrote into "
+           f"{info.get('receivers', 'the working folder')}", "",
            "| row | n | median s | rate | MB/s | gateway CPU s (event loop) | gateway peak RSS MB "
            "| other servers (CPU s / peak RSS MB) | other load |",
            "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -491,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         receivers.mkdir(parents=True, exist_ok=True)
     ctx = Context(out, profile, seed=args.seed, keep=args.keep, profiler=profiler, receivers=receivers)
     info = machine()
-    info["receivers"] = ("working folder" if receivers is None
+    info["receivers"] = ("each repeat's working folder" if receivers is None
                          else f"{receivers} ({filesystem_type(receivers)})")
     info["file_create_us_at_start"] = file_create_us(out)
 
