@@ -46,10 +46,11 @@ class Series:
 
 
 def run(trees: Mapping[str, Path], rows: Sequence[str], *, rounds: int, out: Path,
-        profile: Profile, progress: Callable[[str], None]) -> dict[tuple[str, str], Series]:
+        profile: Profile, progress: Callable[[str], None],
+        receivers: Path | None = None) -> dict[tuple[str, str], Series]:
     """``{(row, tree label): Series}``; the reference row is under the label "-"."""
     results: dict[tuple[str, str], Series] = {}
-    reference = Context(out, profile, seed=SEED)
+    reference = Context(out, profile, seed=SEED, receivers=receivers)
     for row in rows:  # once, for both trees: a big object, a backlog spool, a rule set
         prepare = SCENARIOS[row].prepare
         if prepare is not None:
@@ -106,6 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="corpus size: full (500 images), quick (100), smoke (a handful)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out",
                         help="corpus and working folders (default bench/out)")
+    parser.add_argument("--receivers", type=Path, default=None, metavar="DIR",
+                        help="storescp writes under DIR (e.g. a tmpfs), as in python -m bench")
     return parser.parse_args(argv)
 
 
@@ -120,12 +123,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"rounds: {args.rounds}", file=sys.stderr)
         return 2
     out: Path = args.out.resolve()
+    receivers: Path | None = args.receivers.resolve() if args.receivers is not None else None
+    if receivers is not None:
+        receivers.mkdir(parents=True, exist_ok=True)
     try:
         results = run(trees, rows, rounds=args.rounds, out=out, profile=PROFILES[args.profile],
-                      progress=lambda message: print(message, file=sys.stderr, flush=True))
+                      progress=lambda message: print(message, file=sys.stderr, flush=True),
+                      receivers=receivers)
     finally:
         shutil.rmtree(out / "work", ignore_errors=True)
     print(markdown(results, trees, rows))
+    where = receivers if receivers is not None else "each round's working folder"
+    print(f"\nstorescp wrote into {where}")
     return 0
 
 

@@ -115,11 +115,14 @@ def test_the_ab_tool_compares_two_checkouts_round_by_round(
         require_tool(name)
     repo = str(REPO_ROOT)
 
+    receivers = tmp_path / "receivers"
     assert ab_main([repo, repo, "--rows", "ingest,e2e", "--rounds", "2", "--profile", "smoke",
-                    "--out", str(tmp_path)]) == 0
+                    "--out", str(tmp_path), "--receivers", str(receivers)]) == 0
 
     report = capsys.readouterr().out
     assert "direct DCMTK hop in the same rounds" in report
+    assert f"storescp wrote into {receivers}" in report
+    assert receivers.is_dir() and not any(receivers.iterdir())  # each round's folder removed
     for row in ("ingest", "e2e"):
         (line,) = [line for line in report.splitlines() if line.startswith(f"| {row} |")]
         cells = [cell.strip() for cell in line.strip("|").split("|")]
