@@ -124,8 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out: Path = args.out.resolve()
     receivers: Path | None = args.receivers.resolve() if args.receivers is not None else None
-    if receivers is not None:
-        receivers.mkdir(parents=True, exist_ok=True)
     try:
         results = run(trees, rows, rounds=args.rounds, out=out, profile=PROFILES[args.profile],
                       progress=lambda message: print(message, file=sys.stderr, flush=True),

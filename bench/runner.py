@@ -487,8 +487,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     profiler = _profiler(out) if args.profile else None
     receivers: Path | None = args.receivers.resolve() if args.receivers is not None else None
-    if receivers is not None:
-        receivers.mkdir(parents=True, exist_ok=True)
     ctx = Context(out, profile, seed=args.seed, keep=args.keep, profiler=profiler, receivers=receivers)
     info = machine()
     info["receivers"] = ("each repeat's working folder" if receivers is None
