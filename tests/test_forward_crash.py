@@ -5,8 +5,9 @@ images are acknowledged while both PACS are down, the PACS come up, and the gate
 SIGKILL at a seeded random point after some deliveries. After the restart the PACS must hold every
 SOP Instance UID that was sent (duplicates are allowed: delivery is at least once).
 
-Progress of the foreign processes (storescp writing files) is observed with ``peers.wait_until``,
-a bounded poll with backoff; nothing sleeps for a fixed time.
+The kill point is observed with inotify on PACS_TEST's folder (``bench.measure.Landing``), the
+restart's progress with ``peers.wait_until``, a bounded poll with backoff; nothing sleeps for a
+fixed time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from gateway_harness import GATEWAY_AE, GatewayProcess, destination_config, gateway_config
 from peers import Peers, StoreSCP, free_port, make_us_image, run_storescu, wait_until
 
+from bench.measure import Landing
 from gateway import cli
 
 SEED = 20240305
@@ -61,11 +63,11 @@ def test_kill_9_during_forwarding_loses_nothing(
         # --fork: the gateway connects as soon as a port opens; readiness must not queue behind it
         test_pacs = peers.store_scp(ae_title="TESTPACS", port=test_port, fork=True)
         prod_pacs = peers.store_scp(ae_title="PRODPACS", port=prod_port, fork=True)
-        wait_until(
-            lambda: len(test_pacs.received_files()) >= kill_after,
-            what=f"{kill_after} deliveries to PACS_TEST",
-            timeout=DELIVERY_TIMEOUT,
-        )
+        # woken by each file storescp finishes (inotify), not by a poll whose backoff could let
+        # forwarding finish before it looks: the kill lands within a few images of kill_after
+        with Landing([test_pacs.directory]) as landing:
+            already = len(test_pacs.received_files())  # landed before the watch began
+            landing.wait(kill_after - already, DELIVERY_TIMEOUT)
     finally:
         first.kill()
     at_kill = (len(received_uids(test_pacs)), len(received_uids(prod_pacs)))
