@@ -266,22 +266,16 @@ def read_pdus(fd: int, context_id: int, size: int, remaining: int,
         filled = min(want, got)
         got -= filled
         remaining -= filled
-        last = remaining <= 0 or filled < want
+        last = remaining <= 0 or filled < want  # a short file ends the dataset here
         view[position : position + header] = pdu.pdata_header(context_id, 0x02 if last else 0x00,
                                                              filled)
-        if filled < want:  # a short file: close the gap this PDV leaves
-            buffer_end = position + header + filled
-            break
         position += header + filled
         if last:
-            buffer_end = position
             break
-    else:
-        buffer_end = position
     for slot in slots:
         slot.release()
     view.release()
-    del buffer[buffer_end:]
+    del buffer[position:]  # what a short file or the last PDV left unfilled
     return buffer, remaining, last
 
 
