@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -342,9 +342,15 @@ def field_values(header: Header) -> dict[str, tuple[str, ...]]:
 
 def route(header: Header, ruleset: RuleSet) -> Decision:
     values = field_values(header)
+    return decide(values, ruleset.candidates(values["calling_ae"][0]))
+
+
+def decide(values: Mapping[str, tuple[str, ...]], rules: Iterable[Rule]) -> Decision:
+    """Walk ``rules`` in order: every matching rule adds its destinations, until a matching rule
+    with ``stop``. ``route`` passes the rules that can match the calling AE (``candidates``)."""
     destinations: dict[str, None] = {}
     matched: list[str] = []
-    for rule in ruleset.candidates(values["calling_ae"][0]):
+    for rule in rules:
         if rule.matches(values):
             matched.append(rule.name)
             destinations.update(dict.fromkeys(rule.destinations))

@@ -27,6 +27,7 @@ from gateway.routing import (
     Rule,
     RuleSet,
     SourceAddress,
+    decide,
     explain,
     field_values,
     route,
@@ -394,16 +395,7 @@ title_headers = st.builds(
 
 def plain_loop(h: Header, rules: RuleSet) -> Decision:
     """``route`` without the calling AE index: every rule, in order, until a matching stop."""
-    values = field_values(h)
-    destinations: dict[str, None] = {}
-    matched: list[str] = []
-    for rule in rules.rules:
-        if rule.matches(values):
-            matched.append(rule.name)
-            destinations.update(dict.fromkeys(rule.destinations))
-            if rule.stop:
-                break
-    return Decision(tuple(destinations), tuple(matched))
+    return decide(field_values(h), rules.rules)
 
 
 @given(title_headers, title_rulesets)
