@@ -330,9 +330,6 @@ class WorklistProxy:
     def upstream_for(self, calling_ae: str) -> Worklist:
         return self.upstreams_by_calling_ae.get(calling_ae.strip(), self.upstream)
 
-    def _config(self, upstream: Worklist) -> RequestorConfig:
-        return requestor_config(upstream, self.calling_ae)
-
     async def find(self, info: AssociationInfo, request: FindRequest) -> AsyncIterator[FindResponse]:
         upstream = self.upstream_for(info.calling_ae)
         tally = _Tally()
@@ -372,7 +369,8 @@ class WorklistProxy:
             tally.reason = "cannot decode the worklist query"
             yield _failure(UNABLE_TO_PROCESS, tally.reason)
             return
-        query = _UpstreamQuery(upstream, self._config(upstream), request, deadline)
+        query = _UpstreamQuery(upstream, requestor_config(upstream, self.calling_ae), request,
+                               deadline)
         tally.upstream_started = time.perf_counter()
         try:
             async with aclosing(self._exchange(query, identifier, request, tally)) as responses:
